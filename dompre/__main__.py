@@ -1,0 +1,5 @@
+import sys
+
+from dompre.cli import main
+
+sys.exit(main())
