@@ -54,12 +54,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise RecipeError(f"{where}: {value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
         return value
     if origin in (Union, types.UnionType):
-        errors = []
         for arg in typing.get_args(tp):
             try:
                 return _coerce(value, arg, where)
-            except RecipeError as e:
-                errors.append(str(e))
+            except RecipeError:
+                pass
         raise RecipeError(f"{where}: {value!r} is not {_type_name(tp)}")
     if tp is type(None):
         if value is not None:
@@ -73,7 +72,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise RecipeError(f"{where}: {value!r} must have {len(args)} items ({_type_name(tp)})")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise RecipeError(f"{where}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}")
