@@ -1,0 +1,295 @@
+"""Noisy Student domain pretraining: teacher -> pseudo-labels -> noised student, ``iterations`` times.
+
+Run as ``accelerate launch dompre/noisy_student.py recipes/tcia.yaml [key=value ...]`` (or
+``dompre pretrain RECIPE``). Rerunning the same command continues a killed run: every stage leaves a marker,
+training stages resume from their latest ``save_state``, pseudo-labeling from its finished shards.
+
+Output folder::
+
+    recipe.yaml                      the resolved recipe
+    iter0/ ... iterN/                iteration 0 is the teacher, 1..N the students
+      state/step-*/                  accelerate save_state (latest only; removed once the stage is done)
+      checkpoint/                    dompre.export checkpoint (model.safetensors + checkpoint.json)
+      metrics.json                   LesaNet metrics (val thresholds; test, hand-labeled)
+      pseudo/                        this model's pseudo-labels of the unlabeled store (for the next iteration)
+    metrics.csv  metrics.md  metrics.png   one row per iteration
+    logs/                            TensorBoard events and metrics_log.csv
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a file: import the package, not the script's folder
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from typing import Sequence
+
+import numpy as np
+
+from dompre.recipes import load_recipe, recipe_to_dict, save_recipe
+from dompre.train.config import PretrainRecipe, check_recipe
+
+logger = logging.getLogger("dompre.noisy_student")
+
+
+# --------------------------------------------------------------------------- data
+@dataclasses.dataclass
+class RunData:
+    """Everything a run reads from the stores, label files and ontology."""
+    labeled: object
+    unlabeled: object
+    label_names: list[str]
+    labels: np.ndarray  # (N_labeled, L) over label_names, NaN unknown
+    train_rows: np.ndarray
+    eval_sets: object
+    exclusive: np.ndarray | None
+    parents: list[list[int]] | None
+
+
+def load_run_data(recipe: PretrainRecipe) -> RunData:
+    """Open the stores, pick the label columns and split the labeled rows; clear errors for unusable input."""
+    from dompre.data.store import SliceStore
+    from dompre.train.evaluate import EvalSets
+    from dompre.train.pseudo_label import exclusive_matrix
+
+    d = recipe.data
+    for key, path in (("data.labeled_store", d.labeled_store), ("data.unlabeled_store", d.unlabeled_store)):
+        if not (Path(path) / "manifest.json").is_file():
+            raise FileNotFoundError(f"{key}: {path} is not a SliceStore (no manifest.json); build it with "
+                                    "'dompre ingest' or fix the path")
+    labeled, unlabeled = SliceStore(d.labeled_store), SliceStore(d.unlabeled_store)
+    if labeled.labels is None or not labeled.label_names:
+        raise ValueError(f"data.labeled_store: {d.labeled_store} has no labels; ingest it with "
+                         "'dompre ingest deeplesion ... --labels JSON' or point to a labeled store")
+    if len(unlabeled) == 0:
+        raise ValueError(f"data.unlabeled_store: {d.unlabeled_store} is empty; ingest DICOM series into it first")
+    ontology = None
+    if d.ontology:
+        from dompre.data.deeplesion import load_ontology
+        ontology = load_ontology(d.ontology)
+    store_names = list(labeled.label_names)
+    if d.labels:
+        names = list(d.labels)
+    elif d.label_class == "all":
+        names = store_names
+    elif ontology is None:
+        raise ValueError(f"data.label_class={d.label_class!r} needs data.ontology; set it or use data.label_class=all")
+    else:
+        names = ontology.select(d.label_class, within=store_names)
+    missing = [n for n in names if n not in store_names]
+    if missing or not names:
+        raise KeyError(f"labels {missing[:5] or names} are not columns of {d.labeled_store} "
+                       f"(it has {store_names[:8]}...); fix data.labels / data.label_class")
+    cols = [store_names.index(n) for n in names]
+    labels = labeled.labels[:, cols]
+    split = labeled.meta["split"].astype(str).to_numpy()
+    known = ~np.isnan(labels).all(1)
+    train_rows = np.flatnonzero((split == d.train_split) & known)
+    if len(train_rows) == 0:
+        raise ValueError(f"{d.labeled_store}: no labeled row with split={d.train_split!r}; check data.train_split")
+    rows = {"val": np.flatnonzero((split == d.val_split) & known),
+            "test": np.flatnonzero((split == d.test_split) & known)}
+    set_labels = {k: labels[v] for k, v in rows.items()}
+    if d.hand_labeled:
+        from dompre.data.deeplesion import load_hand_labeled
+        hand = load_hand_labeled(d.hand_labeled, names)
+        where = {int(v): i for i, v in enumerate(labeled.meta["lesion_idx"].to_numpy()) if int(v) >= 0}
+        pairs = [(where[l], k) for k, l in enumerate(hand.lesion_idxs) if l in where]
+        rows["hand"] = np.array([p[0] for p in pairs], dtype=np.int64)
+        set_labels["hand"] = hand.labels[[p[1] for p in pairs]] if pairs else np.zeros((0, len(names)), np.float32)
+    exclusive = parents = None
+    if ontology is not None:
+        exclusive = exclusive_matrix(ontology.exclusive_pairs(names), len(names))
+        parents = ontology.parent_indices(names)
+    return RunData(labeled, unlabeled, names, labels, train_rows, EvalSets(rows, set_labels), exclusive, parents)
+
+
+# --------------------------------------------------------------------------- stages
+def _checkpoint_dir(stage: Path) -> Path:
+    return stage / "checkpoint"
+
+
+def _load_checkpoint(stage: Path, label_names: list[str]):
+    from dompre.export import load_checkpoint
+    model, info = load_checkpoint(_checkpoint_dir(stage))
+    have = list(info.get("label_names") or [])
+    if have != list(label_names):
+        raise ValueError(f"{_checkpoint_dir(stage)} was trained on {len(have)} labels {have[:4]}..., this recipe "
+                         f"selects {len(label_names)} {label_names[:4]}...; use a new output_dir or the same labels")
+    return model.eval()
+
+
+def _save_checkpoint(accelerator, model, stage: Path, arch: str, label_names: list[str], info: dict) -> None:
+    from dompre.export import save_checkpoint
+    from dompre.train.teacher import model_kwargs
+    if accelerator.is_main_process:
+        tmp = stage / "checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_checkpoint(model, tmp, arch=arch, label_names=label_names, model_kwargs=model_kwargs(model), info=info)
+        os.replace(tmp, _checkpoint_dir(stage))
+        shutil.rmtree(stage / "state", ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _train_iteration(accelerator, recipe: PretrainRecipe, data: RunData, it: int, stage: Path, position,
+                     teacher_model) -> tuple[object, str, dict]:
+    """Train the teacher (it == 0) or student ``it``; returns (model, arch, info)."""
+    from accelerate.utils import set_seed
+
+    from dompre.train.engine import InputPrep
+    from dompre.train.losses import WeightedFocalLoss, label_weights
+    from dompre.train.pseudo_label import PseudoLabels
+    from dompre.train.student import build_loaders, noise_transform, pseudo_rows
+    from dompre.train.teacher import create_model, train_stage
+
+    r, L = recipe, len(data.label_names)
+    set_seed(r.seed + 1000 * it)  # each stage starts from its own seed, whatever ran before in this process
+    wp, wn = label_weights(data.labels[data.train_rows], r.teacher.max_label_weight)
+    loss_fn = WeightedFocalLoss(wp, wn, gamma=r.teacher.focal_gamma)
+    common = dict(labeled_batch=r.teacher.batch_size, seed=r.seed, stage=it, num_workers=r.train.num_workers,
+                  world=accelerator.num_processes)
+    info: dict = {"iteration": it}
+    fail = r.debug.fail_after_steps if r.debug.fail_stage == f"iter{it}" else -1
+    if it == 0:
+        arch = r.model.name
+        model = create_model(arch, L, pretrained=r.model.pretrained)
+        transform = noise_transform(r.student, r.model.img_size) if r.teacher.augment else None
+        loaders = build_loaders(data.labeled, data.train_rows, data.labels, transform=transform, **common)
+        epochs, lr, pseudo_weight = r.teacher.epochs, r.teacher.lr, 1.0
+    else:
+        arch = r.model.student_name or r.model.name
+        model = create_model(arch, L, drop_rate=r.model.drop_rate, drop_path_rate=r.model.drop_path_rate,
+                             pretrained=r.model.pretrained)
+        if r.student.init == "teacher" and teacher_model is not None:
+            model.load_state_dict(teacher_model.state_dict())
+        pseudo = PseudoLabels(stage.parent / f"iter{it - 1}" / "pseudo")
+        if pseudo.label_names != data.label_names:
+            raise ValueError(f"{pseudo.folder}: pseudo-labels over {len(pseudo.label_names)} labels do not match "
+                             f"the model's {L} labels; use a new output_dir")
+        rows, targets, weights, summary = pseudo_rows(pseudo, r.pseudo, data.exclusive)
+        info["pseudo"] = {k: v for k, v in summary.items() if k != "per_label"}
+        common["labeled_batch"] = r.student.labeled_batch
+        loaders = build_loaders(data.labeled, data.train_rows, data.labels,
+                                transform=noise_transform(r.student, r.model.img_size),
+                                unlabeled_store=data.unlabeled, pseudo_rows_=rows, pseudo_targets=targets,
+                                pseudo_batch=r.student.pseudo_batch, pseudo_weights=weights, **common)
+        epochs, lr, pseudo_weight = r.student.labeled_epochs, r.student.lr, r.student.pseudo_weight
+    prep = InputPrep.for_model(model, r.model.img_size, r.train.channels_last)
+    model = train_stage(accelerator, model=model, loss_fn=loss_fn, prep=prep, data=loaders, opt=r.teacher.opt,
+                        lr=lr, weight_decay=r.teacher.weight_decay, epochs=epochs,
+                        warmup_epochs=r.teacher.warmup_epochs, state_dir=stage / "state", position=position,
+                        stage=f"iter{it}", train_cfg=r.train, pseudo_weight=pseudo_weight, fail_after_steps=fail)
+    return model, arch, info
+
+
+def _check_same_run(recipe: PretrainRecipe, out: Path) -> None:
+    """A resumed output_dir must hold the same recipe (train/debug/iterations settings may differ)."""
+    import yaml
+    saved = out / "recipe.yaml"
+    if not saved.is_file():
+        return
+    old = yaml.safe_load(saved.read_text()) or {}
+    new = recipe_to_dict(recipe)
+    skip = {"train", "debug", "iterations", "output_dir", "eval"}
+    diff = [k for k in new if k not in skip and old.get(k) != new[k]]
+    if diff:
+        raise ValueError(f"{out} holds a run with other settings for {diff}; use a new output_dir or the "
+                         f"recipe in {saved}")
+
+
+def run(recipe: PretrainRecipe) -> dict:
+    """Run (or resume) the whole Noisy Student loop; returns the per-iteration results and report paths."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from dompre.train.engine import CSVTracker, InputPrep, Position
+    from dompre.train.evaluate import evaluate_model, write_json, write_report_tables
+    from dompre.train.pseudo_label import label_store
+
+    check_recipe(recipe)
+    out = Path(recipe.output_dir)
+    data = load_run_data(recipe)
+    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision, rng_types=[],
+                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+                              log_with=["tensorboard", CSVTracker("dompre", out / "logs")])
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        _check_same_run(recipe, out)
+        save_recipe(recipe, out / "recipe.yaml")
+    accelerator.wait_for_everyone()
+    accelerator.init_trackers("dompre", config={"seed": recipe.seed, "iterations": recipe.iterations,
+                                                "model": recipe.model.name, "labels": len(data.label_names)})
+    position = Position()
+    accelerator.register_for_checkpointing(position)
+    results, model = [], None
+    for it in range(recipe.iterations + 1):
+        stage = out / f"iter{it}"
+        stage.mkdir(parents=True, exist_ok=True)
+        info_path = stage / "info.json"
+        if (_checkpoint_dir(stage) / "checkpoint.json").is_file():
+            model = _load_checkpoint(stage, data.label_names)
+            info = json.loads(info_path.read_text()) if info_path.is_file() else {"iteration": it}
+        else:
+            model, arch, info = _train_iteration(accelerator, recipe, data, it, stage, position, model)
+            info["arch"] = arch
+            if accelerator.is_main_process:
+                write_json(info_path, info)
+            _save_checkpoint(accelerator, model, stage, arch, data.label_names, info)
+        model = model.to(accelerator.device).eval()
+        prep = InputPrep.for_model(model, recipe.model.img_size, recipe.train.channels_last)
+        metrics_path = stage / "metrics.json"
+        if metrics_path.is_file():
+            metrics = json.loads(metrics_path.read_text())
+        else:
+            metrics = evaluate_model(accelerator, model, data.labeled, data.eval_sets, prep,
+                                     label_names=data.label_names, parents=data.parents,
+                                     batch_size=recipe.eval.batch_size, grid=recipe.eval.thresholds)
+            if accelerator.is_main_process:
+                write_json(metrics_path, metrics)
+            accelerator.wait_for_everyone()
+        accelerator.log({f"eval/{s}_{m}": v for s in ("test", "hand", "val") for m, v in metrics.get(s, {}).items()
+                         if m in ("auc", "f1", "precision", "recall") and v is not None}, step=it)
+        results.append({"iteration": it, "model": info.get("arch", ""), "metrics": metrics,
+                        "pseudo_used": info.get("pseudo", {}).get("used", 0), "stage": str(stage)})
+        if it < recipe.iterations:
+            fail = recipe.debug.fail_after_chunks if recipe.debug.fail_stage == f"pseudo{it}" else -1
+            label_store(accelerator, model, data.unlabeled, stage / "pseudo", label_names=data.label_names,
+                        prepare_input=prep, top_k=recipe.pseudo.top_k, batch_size=recipe.pseudo.batch_size,
+                        chunk_size=recipe.pseudo.chunk_size, num_workers=recipe.train.num_workers,
+                        fail_after_chunks=fail, progress=recipe.train.progress)
+    paths = {}
+    if accelerator.is_main_process:
+        paths = write_report_tables(out, results)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"results": results, "output_dir": str(out), "report": {k: str(v) for k, v in paths.items()},
+            "label_names": data.label_names}
+
+
+def run_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> dict:
+    """Load ``path`` with ``key=value`` overrides and :func:`run` it."""
+    recipe = load_recipe(path, PretrainRecipe, list(overrides))
+    return run(recipe)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``accelerate launch dompre/noisy_student.py RECIPE [key=value ...]``."""
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/tcia.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. output_dir=runs/x")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    result = run_recipe(args.recipe, args.overrides)
+    logger.info("done: %s", json.dumps({"output_dir": result["output_dir"], **result["report"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The Noisy Student pretraining recipe: every setting, its default and a one-line comment (nanoGPT style).
+
+Read with ``dompre.recipes.load_recipe(path, PretrainRecipe, overrides)``; ``recipes/tcia.yaml`` holds the seed
+paper's settings and ``recipes/demo.yaml`` a CPU-sized run on the synthetic cohort. Batch sizes are per process.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dompre.recipes import PATH
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    labeled_store: str = field(default="stores/deeplesion", metadata=PATH)  # SliceStore with labels + split column
+    unlabeled_store: str = field(default="stores/tcia", metadata=PATH)  # SliceStore to pseudo-label (labels ignored)
+    ontology: str | None = field(default=None, metadata=PATH)  # lesion ontology xlsx/csv: exclusive pairs, parents
+    label_class: Literal["all", "bodypart", "type", "attribute"] = "bodypart"  # ontology class to train on
+    labels: tuple[str, ...] = ()  # explicit label names (overrides label_class); () = use label_class
+    hand_labeled: str | None = field(default=None, metadata=PATH)  # hand_labeled_test_set.json, or None
+    train_split: str = "train"  # meta['split'] value of the labeled training rows
+    val_split: str = "val"  # rows used to choose per-label thresholds
+    test_split: str = "test"  # rows reported as the text-mined test set
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "maknet"  # timm architecture of the teacher (any timm model)
+    student_name: str | None = None  # architecture of the students (None = same as name; may be larger)
+    drop_rate: float = 0.5  # classifier dropout of the students (the teacher trains un-noised: 0)
+    drop_path_rate: float = 0.1  # stochastic depth of the students (teacher: 0)
+    img_size: int = 256  # inputs are resized to img_size x img_size (the store holds 256 x 256)
+    pretrained: bool = False  # load timm's pretrained weights (needs them cached; never downloads in tests)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    epochs: int = 15  # epochs over the labeled training rows
+    lr: float = 0.01  # peak learning rate (cosine decay, warmup below)
+    warmup_epochs: float = 0.5  # linear warmup length in epochs
+    batch_size: int = 64  # labeled inputs per step and process
+    opt: str = "lookahead_radam"  # timm optimizer name (Ranger = lookahead_radam)
+    weight_decay: float = 1e-4  # decoupled weight decay
+    focal_gamma: float = 2.0  # focal loss gamma (0 = weighted BCE)
+    max_label_weight: float = 20.0  # cap of the per-label frequency weights
+    augment: bool = False  # light augmentation for the teacher too (the paper's teacher is un-noised)
+
+
+@dataclass(frozen=True)
+class PseudoConfig:
+    threshold: float = 0.5  # keep a label when its probability > threshold ...
+    top_k: int = 15  # ... and it is among the top_k labels of the input
+    soft: bool = False  # soft targets (teacher probabilities of kept labels) instead of hard 1/0
+    balance: bool = False  # per-label balancing: sample inputs of rare pseudo-labels more often
+    drop_empty: bool = True  # leave out inputs with no kept label (as Noisy Student drops low-confidence images)
+    batch_size: int = 128  # inputs per forward pass while labeling
+    chunk_size: int = 4096  # inputs per stored .npy shard (a multiple of batch_size; the unit of resume)
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    labeled_epochs: int = 100  # student length in epochs over the labeled training rows
+    labeled_batch: int = 64  # labeled inputs per step and process
+    pseudo_batch: int = 64  # pseudo-labeled inputs per step and process
+    pseudo_weight: float = 1.0  # weight of the pseudo-labeled loss against the labeled one
+    lr: float = 0.01  # peak learning rate
+    init: Literal["scratch", "teacher"] = "scratch"  # student starts from scratch (paper) or from the teacher
+    rotate_degrees: float = 15.0  # random rotation range (noise)
+    grayscale_p: float = 0.2  # probability of grayscale (noise: mixes the three slices)
+    autocontrast_p: float = 0.3  # probability of auto-contrast (noise)
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # random resized crop area range (noise)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate mixed precision (GPU: bf16)
+    channels_last: bool = False  # channels_last memory format (faster on GPU)
+    num_workers: int = 2  # DataLoader workers per process
+    checkpoint_every: int = 200  # save_state every N optimizer steps (and at every epoch end)
+    log_every: int = 10  # log losses to the trackers every N steps
+    progress: bool = True  # tqdm progress bars on the main process
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 128  # inputs per forward pass in evaluation
+    thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # candidates chosen per label on val
+
+
+@dataclass(frozen=True)
+class DebugConfig:
+    fail_after_steps: int = -1  # raise after this many optimizer steps of fail_stage (resume tests); -1 = never
+    fail_stage: str = ""  # stage name to fail in, e.g. 'iter0', 'iter1', 'pseudo0'
+    fail_after_chunks: int = -1  # raise after this many pseudo-label chunks of fail_stage
+
+
+@dataclass(frozen=True)
+class PretrainRecipe:
+    seed: int = 0  # one seed for everything (accelerate.utils.set_seed)
+    output_dir: str = field(default="runs/pretrain", metadata=PATH)  # where the run writes (resumes if present)
+    iterations: int = 5  # student iterations after the teacher (paper: 5)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    pseudo: PseudoConfig = PseudoConfig()
+    student: StudentConfig = StudentConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    debug: DebugConfig = DebugConfig()
+
+
+def check_recipe(recipe: PretrainRecipe, source: str = "recipe") -> None:
+    """Stop at once on settings that cannot work; the message names the key and the fix."""
+    p, s = recipe.pseudo, recipe.student
+    problems = []
+    if recipe.iterations < 0:
+        problems.append(f"iterations={recipe.iterations} must be >= 0")
+    if not 0.0 <= p.threshold < 1.0:
+        problems.append(f"pseudo.threshold={p.threshold} must be in [0, 1)")
+    if p.top_k < 1:
+        problems.append(f"pseudo.top_k={p.top_k} must be >= 1")
+    if p.batch_size < 1 or p.chunk_size % p.batch_size:
+        problems.append(f"pseudo.chunk_size={p.chunk_size} must be a multiple of pseudo.batch_size={p.batch_size}")
+    if s.labeled_batch < 1 or s.pseudo_batch < 0 or recipe.teacher.batch_size < 1:
+        problems.append("batch sizes must be >= 1 (student.pseudo_batch may be 0)")
+    lo, hi = s.crop_scale
+    if not 0 < lo <= hi <= 1:
+        problems.append(f"student.crop_scale={s.crop_scale} must satisfy 0 < low <= high <= 1")
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems))

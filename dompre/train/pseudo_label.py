@@ -1,0 +1,257 @@
+"""Pseudo-labels: the selection rule, compact storage, and the resumable labeling pass over an unlabeled store.
+
+Rule (seed paper): per input, keep a label when its probability is > ``threshold`` and it is among the ``top_k``
+most probable labels; then, walking the kept labels from the most to the least confident, drop a label that is
+exclusive (ontology) with a label already kept, so of an exclusive pair the more confident one stays.
+
+Storage, per iteration folder: the un-noised teacher's top-k per input, as ``.npy`` shards covering global input
+ranges ``[start, end)`` of the store, ``topk-<start>-<end>.idx.npy`` (int16 label indices, most confident first)
+and ``.prob.npy`` (float16 probabilities), written atomically; ``index.json`` marks the stage done. The rule is
+applied when reading (:class:`PseudoLabels`), so threshold/top_k/soft can be changed without relabeling.
+Shards are aligned to ``chunk_size`` in global positions and every rank labels one contiguous run of shards, so
+the stored result is the same for any number of processes, and a rerun skips shards already on disk
+(exactly-once: a shard is either complete under its final name or absent).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- the rule
+def exclusive_matrix(pairs: Sequence[tuple[int, int]], num_labels: int) -> np.ndarray:
+    """Symmetric (L, L) bool matrix of exclusive label pairs."""
+    m = np.zeros((num_labels, num_labels), dtype=bool)
+    for i, j in pairs:
+        m[i, j] = m[j, i] = True
+    return m
+
+
+def topk(probs: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k labels of ``probs`` (N, L), most confident first: (int16 indices, float16 probabilities)."""
+    k = min(k, probs.shape[1])
+    val, idx = torch.topk(probs.float(), k, dim=1, sorted=True)
+    return idx.cpu().numpy().astype(np.int16), val.cpu().numpy().astype(np.float16)
+
+
+def select_labels(idx: np.ndarray, prob: np.ndarray, threshold: float, top_k: int,
+                  exclusive: np.ndarray | None = None) -> np.ndarray:
+    """The pseudo-label rule on stored top-k rows.
+
+    Args:
+        idx: (N, K) label indices, most confident first (K >= top_k, or fewer labels exist).
+        prob: (N, K) their probabilities.
+        threshold: keep labels with probability strictly above it.
+        top_k: only the first ``top_k`` columns can be kept.
+        exclusive: (L, L) bool exclusivity matrix, or None.
+
+    Returns:
+        (N, K) bool, True where the label is kept.
+    """
+    idx = np.asarray(idx).astype(np.int64)
+    prob = np.asarray(prob, dtype=np.float32)
+    keep = prob > threshold
+    keep[:, top_k:] = False
+    if exclusive is None or not exclusive.any():
+        return keep
+    out = np.zeros_like(keep)
+    for p in range(keep.shape[1]):
+        clash = np.zeros(len(idx), dtype=bool)
+        for q in range(p):
+            clash |= out[:, q] & exclusive[idx[:, q], idx[:, p]]
+        out[:, p] = keep[:, p] & ~clash
+    return out
+
+
+def dense_targets(idx: np.ndarray, prob: np.ndarray, kept: np.ndarray, num_labels: int,
+                  soft: bool = False) -> np.ndarray:
+    """(N, L) float32 targets: 1 for kept labels (``soft``: the teacher's probability), 0 elsewhere."""
+    n = len(idx)
+    out = np.zeros((n, num_labels), dtype=np.float32)
+    rows = np.repeat(np.arange(n), idx.shape[1]).reshape(idx.shape)
+    values = np.asarray(prob, dtype=np.float32) if soft else np.ones(idx.shape, dtype=np.float32)
+    out[rows[kept], idx[kept].astype(np.int64)] = values[kept]
+    return out
+
+
+def balance_weights(kept_idx: list[np.ndarray], num_labels: int) -> np.ndarray:
+    """Per-input sampling weights that even out pseudo-label counts (Noisy Student's class balancing).
+
+    An input's weight is the mean over its kept labels of ``median_count / count(label)``, clipped to [0.1, 10];
+    inputs with no kept label get weight 1.
+    """
+    counts = np.zeros(num_labels, dtype=np.float64)
+    for labels in kept_idx:
+        counts[labels] += 1
+    ref = np.median(counts[counts > 0]) if (counts > 0).any() else 1.0
+    w = np.ones(len(kept_idx), dtype=np.float64)
+    for i, labels in enumerate(kept_idx):
+        if len(labels):
+            w[i] = np.mean(ref / counts[labels])
+    return np.clip(w, 0.1, 10.0)
+
+
+# --------------------------------------------------------------------------- storage
+def _chunk_name(start: int, end: int) -> str:
+    return f"topk-{start:09d}-{end:09d}"
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def chunk_ranges(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    """Global ``[start, end)`` ranges of the stored shards of a store with ``n`` inputs."""
+    return [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+
+
+def rank_chunks(n: int, chunk_size: int, rank: int, world: int) -> list[tuple[int, int]]:
+    """The contiguous run of shards that ``rank`` of ``world`` labels."""
+    chunks = chunk_ranges(n, chunk_size)
+    parts = np.array_split(np.arange(len(chunks)), world)
+    return [chunks[i] for i in parts[rank]]
+
+
+def chunk_done(folder: Path, start: int, end: int) -> bool:
+    """True when both arrays of the shard are on disk under their final names."""
+    base = folder / _chunk_name(start, end)
+    return base.with_suffix(".idx.npy").exists() and base.with_suffix(".prob.npy").exists()
+
+
+def write_chunk(folder: Path, start: int, end: int, idx: np.ndarray, prob: np.ndarray) -> None:
+    """Atomically store one shard (indices first, probabilities last: the latter marks it complete)."""
+    if len(idx) != end - start:
+        raise ValueError(f"shard {start}-{end} got {len(idx)} rows")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = folder / _chunk_name(start, end)
+    _save_npy(base.with_suffix(".idx.npy"), idx.astype(np.int16))
+    _save_npy(base.with_suffix(".prob.npy"), prob.astype(np.float16))
+
+
+class PseudoLabels:
+    """Reads one iteration's pseudo-labels and applies the rule.
+
+    Attributes:
+        idx, prob: (N, K) top-k label indices and probabilities over the whole unlabeled store.
+        label_names: the labels the indices refer to.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / "index.json"
+        if not index.is_file():
+            raise FileNotFoundError(f"{index} is missing: pseudo-labeling of {self.folder} did not finish; "
+                                    "rerun the pretraining command to complete it")
+        self.info = json.loads(index.read_text())
+        self.label_names: list[str] = list(self.info["label_names"])
+        n, chunk = int(self.info["num_inputs"]), int(self.info["chunk_size"])
+        idx, prob = [], []
+        for s, e in chunk_ranges(n, chunk):
+            base = self.folder / _chunk_name(s, e)
+            idx.append(np.load(base.with_suffix(".idx.npy")))
+            prob.append(np.load(base.with_suffix(".prob.npy")))
+        self.idx = np.concatenate(idx) if idx else np.zeros((0, 1), np.int16)
+        self.prob = np.concatenate(prob) if prob else np.zeros((0, 1), np.float16)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def kept(self, threshold: float, top_k: int, exclusive: np.ndarray | None) -> np.ndarray:
+        """(N, K) bool mask of labels kept by the rule."""
+        return select_labels(self.idx, self.prob, threshold, top_k, exclusive)
+
+
+# --------------------------------------------------------------------------- labeling pass
+class _RangeImages(torch.utils.data.Dataset):
+    """Dataset whose item ``(start, end)`` is the uint8 batch ``store.images(start..end)``."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
+        s, e = item
+        return torch.from_numpy(np.ascontiguousarray(self.store.images(np.arange(s, e))))
+
+
+@torch.no_grad()
+def label_store(accelerator, model: torch.nn.Module, store, folder: str | Path, *, label_names: Sequence[str],
+                prepare_input, top_k: int, batch_size: int, chunk_size: int, num_workers: int = 0,
+                fail_after_chunks: int = -1, progress: bool = True) -> Path:
+    """Pseudo-label every input of ``store`` with the un-noised ``model``; resumable and exactly-once.
+
+    Args:
+        accelerator: the run's ``accelerate.Accelerator`` (rank, world size, barrier, autocast).
+        model: the teacher (put in eval mode here; not wrapped for DDP, no gradients).
+        store: a SliceStore (``len``, ``images(idx)``).
+        folder: where the shards and ``index.json`` go.
+        label_names: the model's labels (stored in ``index.json``).
+        prepare_input: ``uint8 (B,3,H,W) tensor on device -> float model input``.
+        top_k: labels stored per input (the rule's top-k is applied on reading, so store at least that many).
+        batch_size, chunk_size: forward batch and shard size (chunk_size a multiple of batch_size).
+        fail_after_chunks: testing hook: raise RuntimeError after writing this many shards.
+
+    Returns:
+        The folder.
+    """
+    from accelerate.utils import tqdm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(store)
+    if n == 0:
+        raise ValueError(f"the unlabeled store {getattr(store, 'path', store)} is empty; ingest series into it first")
+    if (folder / "index.json").is_file():
+        return folder
+    mine = [c for c in rank_chunks(n, chunk_size, accelerator.process_index, accelerator.num_processes)
+            if not chunk_done(folder, *c)]
+    batches = [(b, min(b + batch_size, e)) for s, e in mine for b in range(s, e, batch_size)]
+    loader = torch.utils.data.DataLoader(_RangeImages(store), sampler=batches, batch_size=None,
+                                         num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    model.eval()
+    pending: dict[tuple[int, int], list] = {c: [] for c in mine}
+    chunk_of = {b: c for c in mine for b in [(x, min(x + batch_size, c[1])) for x in range(c[0], c[1], batch_size)]}
+    written = 0
+    bar = tqdm(total=sum(e - s for s, e in mine), desc="pseudo-label", unit="img",
+               disable=not progress, main_process_only=True)
+    for b, x in zip(batches, loader):
+        with accelerator.autocast():
+            probs = torch.sigmoid(model(prepare_input(x.to(accelerator.device))).float())
+        c = chunk_of[b]
+        pending[c].append(topk(probs, top_k))
+        bar.update(len(x))
+        if b[1] == c[1]:
+            parts = pending.pop(c)
+            write_chunk(folder, c[0], c[1], np.concatenate([p[0] for p in parts]),
+                        np.concatenate([p[1] for p in parts]))
+            written += 1
+            if fail_after_chunks >= 0 and written >= fail_after_chunks:
+                raise RuntimeError(f"debug.fail_after_chunks={fail_after_chunks} reached (injected failure)")
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        missing = [c for c in chunk_ranges(n, chunk_size) if not chunk_done(folder, *c)]
+        if missing:
+            raise RuntimeError(f"{folder}: {len(missing)} pseudo-label shards missing after labeling "
+                               f"(first {missing[0]}); rerun to complete")
+        info = {"num_inputs": n, "chunk_size": chunk_size, "top_k": top_k, "label_names": list(label_names),
+                "store": str(getattr(store, "path", ""))}
+        tmp = folder / "index.json.tmp"
+        tmp.write_text(json.dumps(info, indent=1))
+        os.replace(tmp, folder / "index.json")
+    accelerator.wait_for_everyone()
+    return folder

@@ -1,0 +1,90 @@
+"""The pseudo-label rule (top-k, threshold, exclusivity), targets, storage and the labeling pass, closed-form."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dompre.train.losses import WeightedFocalLoss, label_weights
+from dompre.train.pseudo_label import (PseudoLabels, balance_weights, chunk_done, chunk_ranges, dense_targets,
+                                       exclusive_matrix, rank_chunks, select_labels, topk, write_chunk)
+
+
+def _rule(probs, threshold=0.5, k=15, pairs=()):
+    idx, prob = topk(torch.tensor(probs, dtype=torch.float32), max(k, 1))
+    kept = select_labels(idx, prob, threshold, k, exclusive_matrix(pairs, len(probs[0])))
+    return {int(i) for i, m in zip(idx[0], kept[0]) if m}
+
+
+def test_threshold_is_strict():
+    assert _rule([[0.9, 0.5, 0.51, 0.2]]) == {0, 2}
+
+
+def test_top_k_limits_kept_labels():
+    probs = [np.linspace(0.99, 0.6, 20).tolist()]  # 20 labels above threshold, descending
+    assert _rule(probs, k=15) == set(range(15))
+    assert _rule(probs, k=3) == {0, 1, 2}
+
+
+def test_exclusive_pair_keeps_more_confident():
+    # labels 1 and 3 exclusive: 3 is more confident, so 1 goes; 0 stays
+    assert _rule([[0.8, 0.7, 0.1, 0.95]], pairs=[(1, 3)]) == {0, 3}
+    # chain 0-1, 1-2 exclusive with 0 > 1 > 2: 1 dropped by 0, so 2 no longer clashes and stays
+    assert _rule([[0.9, 0.8, 0.7]], pairs=[(0, 1), (1, 2)]) == {0, 2}
+
+
+def test_exclusive_label_below_threshold_does_not_remove_other():
+    assert _rule([[0.4, 0.8]], pairs=[(0, 1)]) == {1}
+
+
+def test_dense_targets_hard_and_soft():
+    idx = np.array([[2, 0, 1]], np.int16)
+    prob = np.array([[0.9, 0.6, 0.3]], np.float16)
+    kept = select_labels(idx, prob, 0.5, 15)
+    np.testing.assert_array_equal(dense_targets(idx, prob, kept, 4), [[1, 0, 1, 0]])
+    np.testing.assert_allclose(dense_targets(idx, prob, kept, 4, soft=True), [[0.6, 0, 0.9, 0]], atol=1e-3)
+
+
+def test_balance_weights_favour_rare_labels():
+    w = balance_weights([np.array([0]), np.array([0]), np.array([0]), np.array([1]), np.array([], int)], 2)
+    # counts: label0 = 3, label1 = 1, median 2 -> 2/3 and 2; empty input 1
+    np.testing.assert_allclose(w, [2 / 3, 2 / 3, 2 / 3, 2.0, 1.0])
+
+
+def test_chunks_are_global_and_split_contiguously():
+    assert chunk_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    parts = [rank_chunks(10, 4, r, 2) for r in range(2)]
+    assert parts == [[(0, 4), (4, 8)], [(8, 10)]]
+    assert sum(parts, []) == chunk_ranges(10, 4)
+
+
+def test_storage_roundtrip(tmp_path):
+    idx = np.array([[1, 0], [0, 1], [1, 0]], np.int16)
+    prob = np.array([[0.9, 0.2], [0.7, 0.6], [0.3, 0.1]], np.float16)
+    write_chunk(tmp_path, 0, 2, idx[:2], prob[:2])
+    assert chunk_done(tmp_path, 0, 2) and not chunk_done(tmp_path, 2, 3)
+    write_chunk(tmp_path, 2, 3, idx[2:], prob[2:])
+    (tmp_path / "index.json").write_text(json.dumps({"num_inputs": 3, "chunk_size": 2, "top_k": 2,
+                                                     "label_names": ["a", "b"]}))
+    pl = PseudoLabels(tmp_path)
+    np.testing.assert_array_equal(pl.idx, idx)
+    kept = pl.kept(0.5, 15, None)
+    np.testing.assert_array_equal(kept, [[True, False], [True, True], [False, False]])
+
+
+def test_label_weights_and_masked_focal_loss():
+    labels = np.array([[1, 0], [0, 0], [0, np.nan], [0, 1]], np.float32)
+    wp, wn = label_weights(labels)
+    np.testing.assert_allclose(wp, [2.0, 1.5])  # label 0: 1 pos of 4 -> 4/2; label 1: 1 of 3 -> 3/2
+    np.testing.assert_allclose(wn, [4 / 6, 0.75])
+    loss = WeightedFocalLoss(wp, wn, gamma=0.0)
+    logits = torch.zeros(4, 2)
+    target = torch.tensor(labels)
+    # gamma 0: BCE = log 2 per element; weighted sum over known / number known
+    known = ~np.isnan(labels)
+    w = np.where(labels == 1, wp, wn)[known]
+    assert loss(logits, target).item() == pytest.approx(np.log(2) * w.sum() / known.sum(), rel=1e-5)
+    # changing the uncertain element's logit does not change the loss
+    l2 = logits.clone()
+    l2[2, 1] = 50.0
+    assert loss(l2, target).item() == pytest.approx(loss(logits, target).item())

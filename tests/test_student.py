@@ -1,0 +1,99 @@
+"""Batch mixing of the student: labeled_batch + pseudo_batch inputs, pseudo part from the unlabeled store."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dompre.data.store import SliceStore, StoreWriter
+from dompre.train.config import PseudoConfig, StudentConfig
+from dompre.train.engine import StreamSampler
+from dompre.train.pseudo_label import PseudoLabels, write_chunk
+from dompre.train.student import NoisyStudentTask, build_loaders, mix_batches, noise_transform, pseudo_rows
+
+NAMES = ["chest", "lung", "liver"]
+
+
+def _store(path, n, value, labels=None):
+    with StoreWriter(path, image_size=16, label_names=NAMES if labels is not None else None) as w:
+        for i in range(n):
+            img = np.full((3, 16, 16), value, np.uint8)
+            img[0, 0, 0] = i  # row id in the pixels
+            w.add(img, meta={"split": "train"}, labels=None if labels is None else labels[i])
+        w.commit_unit("all")
+    return SliceStore(path)
+
+
+@pytest.fixture()
+def stores(tmp_path):
+    lab = np.tile(np.array([[1, 0, np.nan]], np.float32), (10, 1))
+    labeled = _store(tmp_path / "lab", 10, 10, lab)
+    unlabeled = _store(tmp_path / "unl", 20, 200)
+    # pseudo-labels: even rows -> 'liver' (0.9); odd rows -> nothing above threshold
+    idx = np.tile(np.array([[2, 0, 1]], np.int16), (20, 1))
+    prob = np.tile(np.array([[0.9, 0.2, 0.1]], np.float16), (20, 1))
+    prob[1::2, 0] = 0.3
+    write_chunk(tmp_path / "pl", 0, 20, idx, prob)
+    (tmp_path / "pl" / "index.json").write_text(json.dumps({"num_inputs": 20, "chunk_size": 32, "top_k": 3,
+                                                            "label_names": NAMES}))
+    return labeled, unlabeled, PseudoLabels(tmp_path / "pl")
+
+
+def test_pseudo_rows_drop_empty_and_targets(stores):
+    _, _, pl = stores
+    rows, targets, weights, summary = pseudo_rows(pl, PseudoConfig(), None)
+    np.testing.assert_array_equal(rows, np.arange(0, 20, 2))
+    np.testing.assert_array_equal(targets[4], [0, 0, 1])
+    assert weights is None and summary["used"] == 10 and summary["empty"] == 10
+
+
+def test_mixed_batch_sizes_sources_and_mask(stores):
+    labeled, unlabeled, pl = stores
+    rows, targets, _, _ = pseudo_rows(pl, PseudoConfig(), None)
+    data = build_loaders(labeled, np.arange(10), labeled.labels, labeled_batch=4, seed=0, stage=1, num_workers=0,
+                         unlabeled_store=unlabeled, pseudo_rows_=rows, pseudo_targets=targets, pseudo_batch=3)
+    assert data.steps_per_epoch == 2
+    batches = list(zip(*data.loaders))
+    assert len(batches) == 2
+    for lab, pse in batches:
+        mixed = mix_batches(lab, pse)
+        assert mixed["image"].shape == (7, 3, 16, 16)
+        np.testing.assert_array_equal(mixed["is_pseudo"].numpy(), [0, 0, 0, 0, 1, 1, 1])
+        img = mixed["image"][:, 1]
+        assert (img[~mixed["is_pseudo"]] == 10).all() and (img[mixed["is_pseudo"]] == 200).all()
+        ids = mixed["image"][mixed["is_pseudo"], 0, 0, 0].numpy()
+        assert set(ids) <= set(rows.tolist())  # only rows with a kept pseudo-label
+        np.testing.assert_array_equal(mixed["target"][mixed["is_pseudo"]].numpy(), [[0, 0, 1]] * 3)
+        assert torch.isnan(mixed["target"][~mixed["is_pseudo"], 2]).all()
+
+
+def test_stream_sampler_epochs_continue_the_pseudo_stream():
+    s = StreamSampler(np.arange(5), per_epoch=3, seed=1, stage=0)
+    seen = []
+    for e in range(5):
+        s.set_epoch(e)
+        seen += [r for r, _ in s]
+    assert sorted(seen[:5]) == list(range(5)) and sorted(seen[5:10]) == list(range(5))
+    s.set_epoch(1)
+    assert [r for r, _ in s] == seen[3:6]  # same epoch, same items (resume)
+
+
+def test_noise_is_seeded_per_item(stores):
+    labeled, _, _ = stores
+    from dompre.train.engine import SeededImages
+    ds = SeededImages(labeled, labeled.labels, noise_transform(StudentConfig(), 12))
+    a, b, c = ds[(3, 7)]["image"], ds[(3, 7)]["image"], ds[(3, 8)]["image"]
+    assert a.shape == (3, 12, 12) and a.dtype == torch.uint8
+    assert torch.equal(a, b)
+
+
+def test_task_loss_is_labeled_plus_weighted_pseudo():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    loss = lambda logits, t: torch.nan_to_num(t, 0.0).sum() * 0 + logits.mean()  # noqa: E731
+    task = NoisyStudentTask(model, loss, prep=lambda x: x.float(), pseudo_weight=0.5)
+    lab = {"image": torch.ones(2, 3, 4, 4, dtype=torch.uint8), "target": torch.zeros(2, 3)}
+    pse = {"image": torch.zeros(5, 3, 4, 4, dtype=torch.uint8), "target": torch.ones(5, 3)}
+    out = task(lab, pse)
+    assert out["loss"].item() == pytest.approx(out["labeled_loss"].item() + 0.5 * out["pseudo_loss"].item())
+    with pytest.raises(ValueError, match="label set"):
+        mix_batches(lab, {"image": pse["image"], "target": torch.ones(5, 4)})
