@@ -24,6 +24,37 @@ def _not_yet(name: str):
     return run
 
 
+def _add_ingest_deeplesion(group: argparse._SubParsersAction) -> None:
+    """`dompre ingest deeplesion`: registered by `_add_ingest` into its SOURCE group."""
+    d = group.add_parser("deeplesion", help="DeepLesion PNGs + LesaNet labels -> labeled SliceStore; rerun to resume")
+    d.add_argument("root", metavar="ROOT", help="DeepLesion folder holding DL_info.csv and Images_png/")
+    d.add_argument("store_dir", metavar="STORE_DIR", help="output store (created, or continued)")
+    d.add_argument("--labels", required=True, metavar="JSON", help="text_mined_labels_171_and_split.json")
+    d.add_argument("--ontology", default=None, metavar="FILE", help="lesion_ontology_181022.xlsx (or csv copy)")
+    d.add_argument("--classes", default=None, metavar="CLASS",
+                   help="keep only this ontology class as labels, e.g. bodypart (default: the whole term list)")
+    d.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    d.add_argument("--recipe", default=None, help="recipe YAML (prep:, neighbours, interval_mm, drop_noisy, ...)")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override, e.g. neighbours=interval (repeatable)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=_run_ingest_deeplesion)
+
+
+def _run_ingest_deeplesion(args: argparse.Namespace) -> int:
+    from dompre.data.ingest_deeplesion import ingest_deeplesion, load_deeplesion_recipe
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: must be >= 1")
+    recipe = load_deeplesion_recipe(args.recipe, tuple(args.overrides))
+    s = ingest_deeplesion(args.root, args.store_dir, labels=args.labels, ontology=args.ontology,
+                          classes=args.classes, workers=args.workers, recipe=recipe, progress=not args.no_progress)
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["skip_reasons"].items())) or "none"
+    print(f"ingest deeplesion: {s['lesions_ok']} lesions ok, {s['lesions_skipped']} skipped ({reasons}); "
+          f"{s['inputs']} inputs over {s['labels']} labels ({s['resumed_lesions']} lesions already done); "
+          f"report: {s['report']}")
+    return 0
+
+
 COMMANDS = [_add_synth]
 
 
