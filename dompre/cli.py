@@ -24,6 +24,78 @@ def _not_yet(name: str):
     return run
 
 
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="integrated gradients / Grad-CAM / occlusion / perturbation figures for inputs")
+    p.add_argument("model", help="checkpoint folder (checkpoint.json) or export folder (config.json)")
+    p.add_argument("inputs", nargs="+", help="STORE_DIR:INDEX (or :3,7,9 or :10-19), SERIES_DIR@SLICE, or PNG/JPEG")
+    p.add_argument("--method", choices=["ig", "gradcam", "occlusion", "perturb"], default="ig")
+    p.add_argument("--out", required=True, help="output folder for the PNGs (and perturbation tables)")
+    p.add_argument("--label", default=None, help="label to explain (default: each input's top label)")
+    p.add_argument("--layer", default=None, help="Grad-CAM layer name (default: the model's last feature stage)")
+    p.add_argument("--view", choices=["gray", "rgb"], default="gray", help="middle slice in gray or 3 slices as RGB")
+    p.add_argument("--activation", choices=["sigmoid", "softmax"], default=None,
+                   help="confidences: sigmoid (multi-label) or softmax (default: from the model folder, else sigmoid)")
+    p.add_argument("--steps", type=int, default=50, help="integrated-gradient steps")
+    p.set_defaults(func=_run_explain)
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    from dompre.explain import explain_items, load_model, parse_inputs, wrap_model
+
+    lm = load_model(args.model, args.activation)
+    items, skipped = parse_inputs(args.inputs, lm.label_names, lm.input_size)
+    if not items:
+        raise ValueError(f"no input could be read ({len(skipped)} skipped: "
+                         + "; ".join(f"{s}: {r}" for s, r in skipped[:3]) + ")")
+    results, montage, failed = explain_items(wrap_model(lm.model, lm.activation, lm.mean, lm.std), items, lm.label_names,
+                                             args.method, args.out, label=args.label, layer=args.layer,
+                                             n_steps=args.steps, view=args.view)
+    for r in results:
+        delta = f"  (IG completeness error {r.ig_delta:.2g})" if r.ig_delta is not None else ""
+        print(f"{r.name}: explained '{r.target}' ({r.confidence:.3f}) -> {r.png}{delta}")
+        if r.table is not None:
+            print(f"  perturbation study -> {r.perturb_png}, {r.table_csv}")
+            print("  " + r.table.to_string().replace("\n", "\n  "))
+    if montage:
+        print(f"montage -> {montage}")
+    for name, reason in skipped + failed:
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    print(f"explained {len(results)} input(s), skipped {len(skipped) + len(failed)}")
+    return 0 if results else 1
+
+
+def _add_ingest(sub: argparse._SubParsersAction) -> None:
+    """`dompre ingest SOURCE ...`: a group; `dicom` here, `deeplesion` from `_add_ingest_deeplesion(group)`."""
+    p = sub.add_parser("ingest", help="CT archives -> SliceStore of windowed 3-slice inputs (resumable)")
+    group = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    d = group.add_parser("dicom", help="a DICOM tree (any folder layout) -> SliceStore; rerun to resume")
+    d.add_argument("input_dir", metavar="INPUT_DIR", help="root folder of the DICOM files")
+    d.add_argument("store_dir", metavar="STORE_DIR", help="output store (created, or continued)")
+    d.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    d.add_argument("--recipe", default=None, help="ingest recipe YAML (prep: window, crop, size, stride, ...)")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override, e.g. prep.min_slices=30 (repeatable)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.set_defaults(func=_run_ingest_dicom)
+    add_deeplesion = globals().get("_add_ingest_deeplesion")
+    if add_deeplesion is not None:
+        add_deeplesion(group)
+
+
+def _run_ingest_dicom(args: argparse.Namespace) -> int:
+    from dompre.data.ingest import ingest_dicom, load_ingest_recipe
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: must be >= 1")
+    recipe = load_ingest_recipe(args.recipe, tuple(args.overrides))
+    s = ingest_dicom(args.input_dir, args.store_dir, workers=args.workers, recipe=recipe,
+                     progress=not args.no_progress)
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["skip_reasons"].items())) or "none"
+    print(f"ingest dicom: {s['series_ok']} series ok, {s['series_skipped']} skipped, {s['files_skipped']} "
+          f"files skipped ({reasons}); {s['inputs']} inputs from {s['slices']} slices "
+          f"({s['resumed_series']} series already done); report: {s['report']}")
+    return 0
+
+
 def _add_ingest_deeplesion(group: argparse._SubParsersAction) -> None:
     """`dompre ingest deeplesion`: registered by `_add_ingest` into its SOURCE group."""
     d = group.add_parser("deeplesion", help="DeepLesion PNGs + LesaNet labels -> labeled SliceStore; rerun to resume")
@@ -55,7 +127,75 @@ def _run_ingest_deeplesion(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [_add_synth]
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune / linear-probe a model on a downstream recipe (Kvasir, "
+                                        "ChestX-ray14, pneumonia, LesaNet)")
+    p.add_argument("recipe", metavar="RECIPE", help="recipe YAML, e.g. recipes/kvasir.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. model.init=domain")
+    p.set_defaults(func=_run_finetune)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from dompre.train.finetune import load_finetune_recipe, run_finetune
+    recipe = load_finetune_recipe(args.recipe, list(args.overrides))
+    res = run_finetune(recipe)
+    keys = ("auc", "f1", "precision", "recall") if res["task"] == "multilabel" else \
+        ("mcc", "accuracy", "f1", "precision", "recall", "specificity", "auc")
+    n = res["n"]
+    print(f"finetune {res['dataset']} ({res['init']['init']} init, {res['strategy']}, freeze "
+          f"{res['freeze_percent']:g}%): train/val/test {n['train']}/{n['val']}/{n['test']}, skipped {res['skipped']}")
+    print("test " + ", ".join(f"{k} {res['test'][k]:.4f}" for k in keys) + f", {res['fps']:.1f} frames/s")
+    print(f"outputs: {recipe.out_dir}")
+    return 0
+
+
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="transfer study: grid of init x freeze x seeds, mean ± std, significance")
+    p.add_argument("recipe", metavar="RECIPE", help="fine-tuning recipe YAML")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
+    p.add_argument("--init", default="random,domain", help="comma-separated inits (random, domain, file)")
+    p.add_argument("--freeze", default="0", help="comma-separated percents of frozen layers, e.g. 0,50,100")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per cell (default 3)")
+    p.add_argument("--strategy", default=None, help="comma-separated: finetune, features (default: recipe's)")
+    p.add_argument("--weights", default=None, help="export folder / weights file for non-random inits")
+    p.add_argument("--metric", default=None, help="compared metric (default auc multi-label, mcc single-label)")
+    p.add_argument("--out", default=None, help="study folder (default RECIPE out_dir/study)")
+    p.set_defaults(func=_run_study)
+
+
+def _run_study(args: argparse.Namespace) -> int:
+    from dompre.train.study import run_study
+    try:
+        freezes = tuple(float(f) for f in args.freeze.split(","))
+    except ValueError:
+        raise ValueError(f"--freeze {args.freeze!r}: give comma-separated numbers, e.g. 0,50,100") from None
+    res = run_study(args.recipe, inits=tuple(args.init.split(",")), freezes=freezes, seeds=args.seeds,
+                    strategies=tuple(args.strategy.split(",")) if args.strategy else None, metric=args.metric,
+                    weights=args.weights, out_dir=args.out, overrides=tuple(args.overrides))
+    print(res["markdown"], end="")
+    print(f"outputs: {res['out_dir']}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a checkpoint as a timm folder (config.json, model.safetensors, README.md)")
+    p.add_argument("checkpoint", help="checkpoint folder (model.safetensors + checkpoint.json)")
+    p.add_argument("out_dir", help="export folder (new, empty, or an earlier export, which is replaced)")
+    p.add_argument("--card-note", default=None, help="a note added to the README.md model card")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from dompre.export import export_timm
+
+    r = export_timm(args.checkpoint, args.out_dir, card={"note": args.card_note} if args.card_note else None)
+    print(f"exported {r['arch']} ({r['params']:,} parameters, {r['num_classes']} outputs) -> {r['out_dir']}")
+    print(f"checked: timm.create_model('local-dir:{r['out_dir']}', pretrained=True) gives the same outputs "
+          f"(max |diff| {r['max_abs_diff']:.2g})")
+    return 0
+
+
+COMMANDS = [_add_synth, _add_explain, _add_ingest, _add_finetune, _add_study, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,216 @@
+"""The DICOM ingest job: a folder tree of CT series -> a SliceStore of 3-slice inputs, parallel and resumable.
+
+Each series is one work unit of the store (:class:`dompre.data.store.StoreWriter`), keyed by its
+SeriesInstanceUID: a rerun of the same command skips the series already committed, redoes the ones a
+killed run left unfinished, and never duplicates an input. Bad input is skipped with its reason and the run
+goes on; ``STORE_DIR/report.json`` lists every series (``ok`` / ``skipped`` + reason) and every unusable
+file. Bad configuration (missing input, unwritable store, bad option) raises at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dompre.data.dicom import SeriesError, SeriesInfo, group_headers, list_files, read_series, scan_file
+from dompre.data.prep import PrepConfig, prepare_volume
+from dompre.data.store import StoreWriter
+from dompre.recipes import load_recipe
+
+log = logging.getLogger(__name__)
+REPORT = "report.json"
+
+
+@dataclass(frozen=True)
+class IngestRecipe:
+    """``dompre ingest dicom --recipe R``: how series become inputs and how the store is sharded."""
+    prep: PrepConfig = field(default_factory=PrepConfig)  # window, crop, size, stride, slice interval, min slices
+    shard_size: int = 1024                                  # inputs per shard file (~200 MB at 256x256)
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size = {self.shard_size!r} must be >= 1")
+
+
+def load_ingest_recipe(path: str | Path | None = None, overrides: tuple[str, ...] = ()) -> IngestRecipe:
+    """Read an ingest recipe (YAML with ``prep:`` and ``shard_size``); None gives the defaults."""
+    return load_recipe(path, IngestRecipe, overrides)
+
+
+def process_series(info: SeriesInfo, cfg: PrepConfig, root: str) -> dict[str, Any]:
+    """Read and prepare one series; returns a result dict (status ok with stacks and metas, or skipped + reason)."""
+    res: dict[str, Any] = {"series_uid": info.series_uid, "patient": info.patient, "study_uid": info.study_uid,
+                           "folder": _rel(os.path.dirname(info.files[0]), root), "n_files": info.n_files,
+                           "status": "skipped", "reason": "", "notes": [], "n_slices": 0, "n_inputs": 0}
+    try:
+        if info.modality != "CT":
+            raise SeriesError(f"modality {info.modality or 'missing'}, not CT")
+        vol = read_series(info)
+        res["notes"] = vol.meta["notes"]
+        n = vol.hu.shape[0]
+        res["n_slices"] = n
+        if n < cfg.min_slices:
+            raise SeriesError(f"too short: {n} slices < min_slices {cfg.min_slices}")
+        z = np.asarray(vol.meta["z"])
+        stacks, zi = prepare_volume(vol.hu, vol.spacing, cfg, z=z, window=vol.meta["window"])
+    except SeriesError as e:
+        res["reason"] = str(e)
+        return res
+    except Exception as e:  # noqa: BLE001 - one broken series must never stop the batch
+        log.warning("series %s failed: %r", info.series_uid, e)
+        res["reason"] = f"error: {type(e).__name__}: {e}"
+        return res
+    win = vol.meta["window"] if (cfg.window_source == "series" and vol.meta["window"]) else cfg.window
+    dz = cfg.slice_interval if cfg.slice_interval is not None else vol.spacing[0]
+    files = vol.meta["files"]
+    metas = [{"source": "dicom", "series_uid": info.series_uid, "patient": info.patient,
+              "study_uid": info.study_uid, "z": float(np.interp(k, np.arange(n), z)), "z_index": float(k),
+              "spacing": [float(dz), vol.spacing[1], vol.spacing[2]], "window": [float(win[0]), float(win[1])],
+              "file": _rel(files[int(round(k))], root)} for k in zi]
+    res.update(status="ok", stacks=stacks, metas=metas, n_inputs=len(metas))
+    return res
+
+
+def _rel(path: str | Path, root: str) -> str:
+    try:
+        return os.path.relpath(path, root)
+    except ValueError:
+        return str(path)
+
+
+def _scan_chunk(paths: list[Path]) -> list[tuple[Path, dict | None, str]]:
+    return [(p, *scan_file(p)) for p in paths]
+
+
+def _worker_init() -> None:
+    import torch
+    torch.set_num_threads(1)
+
+
+def _check_store_dir(store_dir: Path) -> None:
+    try:
+        store_dir.mkdir(parents=True, exist_ok=True)
+        probe = store_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"store folder {store_dir} is not writable ({e.strerror}); choose a writable "
+                              f"STORE_DIR") from None
+
+
+def _scan(files: list[Path], pool: ProcessPoolExecutor | None, progress: bool):
+    chunks = [files[i:i + 256] for i in range(0, len(files), 256)]
+    results = pool.map(_scan_chunk, chunks) if pool else map(_scan_chunk, chunks)
+    good, bad = [], []
+    with tqdm(total=len(files), desc="scan headers", unit="file", disable=not progress, leave=False) as bar:
+        for chunk in results:
+            for path, header, reason in chunk:
+                (good.append((path, header)) if header else bad.append((path, reason)))
+            bar.update(len(chunk))
+    return group_headers(good), bad
+
+
+def _results(todo: list[SeriesInfo], cfg: PrepConfig, root: str, pool: ProcessPoolExecutor | None,
+             workers: int) -> Iterator[dict]:
+    """Process series, at most 2 per worker in flight so memory stays bounded."""
+    if pool is None:
+        for info in todo:
+            yield process_series(info, cfg, root)
+        return
+    queue = iter(todo)
+    running = set()
+    for info in queue:
+        running.add(pool.submit(process_series, info, cfg, root))
+        if len(running) >= 2 * workers:
+            break
+    while running:
+        done, running = wait(running, return_when=FIRST_COMPLETED)
+        for fut in done:
+            yield fut.result()
+            nxt = next(queue, None)
+            if nxt is not None:
+                running.add(pool.submit(process_series, nxt, cfg, root))
+
+
+def _reason_kind(reason: str) -> str:
+    return re.split(r"[:(]", reason, maxsplit=1)[0].strip() or reason
+
+
+def ingest_dicom(input_dir: str | Path, store_dir: str | Path, *, workers: int = 1,
+                 recipe: IngestRecipe | None = None, progress: bool = True) -> dict[str, Any]:
+    """Ingest every CT series under ``input_dir`` into the SliceStore ``store_dir`` (resuming it).
+
+    Args:
+        input_dir: root of a DICOM tree (any folder layout).
+        store_dir: store folder; created, or continued when it holds a store made with the same recipe.
+        workers: processes (1 = in this process).
+        recipe: preparation settings (default :class:`IngestRecipe()`).
+        progress: show tqdm bars for series and slices.
+
+    Returns:
+        The summary written into ``report.json`` (counts of ok/skipped series, inputs, reasons, report path).
+
+    Raises:
+        FileNotFoundError: ``input_dir`` is missing. PermissionError: ``store_dir`` is not writable.
+        ValueError: bad option, or the store was made with other settings.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers = {workers!r} must be an integer >= 1")
+    recipe = recipe or IngestRecipe()
+    input_dir, store_dir = Path(input_dir), Path(store_dir)
+    files = list_files(input_dir)
+    _check_store_dir(store_dir)
+    info = {"source": "dicom", "prep": dataclasses.asdict(recipe.prep)}
+    root = str(input_dir)
+    pool = ProcessPoolExecutor(workers, initializer=_worker_init) if workers > 1 else None
+    try:
+        series, bad = _scan(files, pool, progress)
+        with StoreWriter(store_dir, image_size=recipe.prep.size, shard_size=recipe.shard_size, info=info) as w:
+            todo = [s for s in series if not w.is_done(s.series_uid)]
+            resumed = len(series) - len(todo)
+            bar_series = tqdm(total=len(series), initial=resumed, desc="series", unit="series",
+                              disable=not progress, position=0)
+            bar_slices = tqdm(total=sum(s.n_files for s in todo), desc="slices", unit="slice",
+                              disable=not progress, position=1, leave=False)
+            with bar_series, bar_slices:
+                for res in _results(todo, recipe.prep, root, pool, workers):
+                    stacks, metas = res.pop("stacks", None), res.pop("metas", None)
+                    if stacks is not None:
+                        for image, meta in zip(stacks, metas):
+                            w.add(image, meta=meta)
+                    w.commit_unit(res.pop("series_uid"), info=res)
+                    bar_series.update(1)
+                    bar_slices.update(res["n_files"])
+            units = w.units
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return _write_report(store_dir, input_dir, series, bad, units, recipe, resumed)
+
+
+def _write_report(store_dir: Path, input_dir: Path, series: list[SeriesInfo], bad: list[tuple[Path, str]],
+                  units: dict[str, dict], recipe: IngestRecipe, resumed: int) -> dict[str, Any]:
+    rows = [{"series_uid": s.series_uid, **units.get(s.series_uid, {"status": "missing"})} for s in series]
+    files = [{"file": _rel(p, str(input_dir)), "status": "skipped", "reason": r} for p, r in bad]
+    skipped = [r for r in rows if r["status"] != "ok"]
+    summary = {"series_ok": len(rows) - len(skipped), "series_skipped": len(skipped),
+               "files_skipped": len(files), "inputs": sum(r.get("n_inputs", 0) for r in rows),
+               "slices": sum(r.get("n_slices", 0) for r in rows if r["status"] == "ok"),
+               "resumed_series": resumed,
+               "skip_reasons": dict(Counter(_reason_kind(r.get("reason", "")) for r in skipped + files))}
+    report = {"input": str(input_dir.resolve()), "store": str(store_dir.resolve()),
+              "recipe": dataclasses.asdict(recipe), "summary": summary, "series": rows, "files": files}
+    tmp = store_dir / (REPORT + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, store_dir / REPORT)
+    return {**summary, "report": str(store_dir / REPORT)}

@@ -1,0 +1,201 @@
+"""DICOM discovery and reading: grouping by series UID, ordering along the normal, HU, codecs, bad series."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
+
+from dompre.data.dicom import SeriesError, discover_series, read_series, scan_file, scan_tree
+from dompre.data.synthetic import write_dicom_series, write_scout
+
+SPACING = (2.5, 0.75, 0.75)
+
+
+def phantom(z: int = 8, y: int = 24, x: int = 24) -> np.ndarray:
+    """Air with a body box whose HU encodes the slice index (10 * k), so order and HU are checkable."""
+    hu = np.full((z, y, x), -1000.0, np.float32)
+    hu[:, 4:20, 5:19] = 10.0 * np.arange(z)[:, None, None]
+    return hu
+
+
+def _edit(path: Path, **changes) -> None:
+    ds = pydicom.dcmread(path)
+    for key, value in changes.items():
+        if value is None:
+            delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    ds.save_as(path)
+
+
+def test_order_by_position_not_instance_or_file_name(tmp_path):
+    hu = phantom()
+    files = write_dicom_series(tmp_path / "s", hu, spacing=SPACING, shuffle_instance=True,
+                               rng=np.random.default_rng(1), origin=(0, 0, -100))
+    perm = np.random.default_rng(2).permutation(len(files))  # file names no longer follow z either
+    for f in files:
+        f.rename(f.with_suffix(".tmp"))
+    for f, k in zip(files, perm):
+        f.with_suffix(".tmp").rename(f.parent / f"X{k:03d}.dcm")
+    vol = read_series(tmp_path / "s")
+    np.testing.assert_array_equal(vol.hu, hu)
+    assert vol.hu.dtype == np.float32
+    assert vol.spacing == pytest.approx(SPACING)
+    assert vol.meta["z"] == pytest.approx(-100 + 2.5 * np.arange(8))
+    assert vol.meta["window"] == pytest.approx((40 - 200, 40 + 200))
+
+
+def test_descending_positions_are_reordered(tmp_path):
+    hu = phantom()
+    files = write_dicom_series(tmp_path / "s", hu, spacing=SPACING)
+    for k, f in enumerate(files):  # scanner writes the series head-first: positions decrease with k
+        _edit(f, ImagePositionPatient=[0, 0, -2.5 * k])
+    vol = read_series(files)
+    np.testing.assert_array_equal(vol.hu, hu[::-1])
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_hu_from_rescale(tmp_path, unsigned):
+    hu = phantom()
+    files = write_dicom_series(tmp_path / "s", hu, spacing=SPACING, unsigned=unsigned)
+    ds = pydicom.dcmread(files[0])
+    assert ds.PixelRepresentation == (0 if unsigned else 1)
+    np.testing.assert_array_equal(read_series(files).hu, hu)
+
+
+@pytest.mark.parametrize("kind", ["rle", "j2k", "multiframe"])
+def test_compressed_and_multiframe(tmp_path, kind):
+    hu = phantom(y=48, x=48)  # openjpeg needs tiles larger than its 6 resolution levels allow at 24x24
+    kw = {"rle": {"transfer_syntax": RLELossless}, "j2k": {"transfer_syntax": JPEG2000Lossless},
+          "multiframe": {"multiframe": True}}[kind]
+    files = write_dicom_series(tmp_path / "s", hu, spacing=SPACING, **kw)
+    vol = read_series(files)
+    np.testing.assert_array_equal(vol.hu, hu)
+    assert vol.spacing == pytest.approx(SPACING)
+
+
+def test_sitk_fallback_when_pydicom_cannot_decode(tmp_path, monkeypatch):
+    hu = phantom()
+    files = write_dicom_series(tmp_path / "s", hu, spacing=SPACING, transfer_syntax=RLELossless)
+
+    def broken(self):
+        raise RuntimeError("no decoder")
+    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(broken))
+    np.testing.assert_array_equal(read_series(files).hu, hu)
+
+
+def test_group_by_series_uid_not_folder(tmp_path):
+    a, b = phantom(), phantom() + 5
+    fa = write_dicom_series(tmp_path / "a", a, spacing=SPACING, patient_id="PA")
+    fb = write_dicom_series(tmp_path / "b", b, spacing=SPACING, patient_id="PB")
+    (tmp_path / "c").mkdir()
+    for f in fb[::2]:          # B is split over two folders, and folder a mixes A and B
+        shutil.move(f, tmp_path / "a" / f"B{f.name}")
+    for f in fa[:3]:
+        shutil.move(f, tmp_path / "c" / f.name)
+    (tmp_path / "notes.txt").write_text("not dicom")
+    series, bad = scan_tree(tmp_path)
+    assert sorted((s.patient, s.n_files) for s in series) == [("PA", 8), ("PB", 8)]
+    assert [p.name for p, _ in bad] == ["notes.txt"]
+    by = {s.patient: s for s in series}
+    np.testing.assert_array_equal(read_series(by["PA"]).hu, a)
+    np.testing.assert_array_equal(read_series(by["PB"]).hu, b)
+    with pytest.raises(SeriesError, match="holds 2 series"):
+        read_series(tmp_path / "a")
+
+
+def test_scouts_dropped(tmp_path):
+    hu = phantom()
+    files = write_dicom_series(tmp_path / "s", hu, spacing=SPACING)
+    write_scout(tmp_path / "s", hu, spacing=SPACING, patient_id="P0000",
+                study_uid=pydicom.dcmread(files[0]).StudyInstanceUID)
+    extra = tmp_path / "s" / "IM9999.dcm"   # a localizer inside the axial series itself
+    shutil.copy(files[0], extra)
+    _edit(extra, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"], SOPInstanceUID=generate_uid(),
+          ImageOrientationPatient=[1, 0, 0, 0, 0, -1])
+    series = discover_series(tmp_path)
+    assert len(series) == 2
+    scout = [s for s in series if s.n_files == 1][0]
+    with pytest.raises(SeriesError, match="localizer"):
+        read_series(scout)
+    axial = [s for s in series if s.n_files == 9][0]
+    vol = read_series(axial)
+    np.testing.assert_array_equal(vol.hu, hu)
+    assert any("localizer" in n for n in vol.meta["notes"])
+
+
+def test_scan_file_reasons(tmp_path):
+    f = write_dicom_series(tmp_path / "s", phantom(z=2), spacing=SPACING)[0]
+    (tmp_path / "zero.dcm").write_bytes(b"")
+    (tmp_path / "text.dcm").write_text("hello, not a DICOM file\n" * 20)
+    assert scan_file(tmp_path / "zero.dcm") == (None, "zero-byte file")
+    header, reason = scan_file(tmp_path / "text.dcm")
+    assert header is None and reason
+    header, _ = scan_file(f)
+    assert header["modality"] == "CT" and header["patient"] == "P0000"
+
+
+def test_duplicates_identical_copy_repaired_else_skipped(tmp_path):
+    hu = phantom()
+    files = write_dicom_series(tmp_path / "s", hu, spacing=SPACING)
+    shutil.copy(files[3], tmp_path / "s" / "copy.dcm")            # same SOP instance twice: safe to drop
+    vol = read_series(tmp_path / "s")
+    np.testing.assert_array_equal(vol.hu, hu)
+    assert any("duplicate" in n for n in vol.meta["notes"])
+    _edit(tmp_path / "s" / "copy.dcm", SOPInstanceUID=generate_uid())  # another image at the same place
+    with pytest.raises(SeriesError, match="duplicated slice positions"):
+        read_series(tmp_path / "s")
+
+
+def test_bad_series_reasons(tmp_path):
+    def series(name, z=8, **kw):
+        return write_dicom_series(tmp_path / name, phantom(z=z), spacing=SPACING, patient_id=name, **kw)
+
+    gap = series("gap")
+    gap[4].unlink()
+    with pytest.raises(SeriesError, match="gap in z"):
+        read_series(gap[:4] + gap[5:])
+    mixed = series("mixed")
+    other = write_dicom_series(tmp_path / "tmp", phantom(z=8, y=16, x=16), spacing=SPACING,
+                               series_uid=pydicom.dcmread(mixed[0]).SeriesInstanceUID, patient_id="mixed")
+    shutil.copy(other[2], mixed[2])
+    with pytest.raises(SeriesError, match="mixed matrix sizes"):
+        read_series(mixed)
+    with pytest.raises(SeriesError, match="single-slice"):
+        read_series(series("one", z=1))
+    mr = series("mr")
+    for f in mr:
+        _edit(f, Modality="MR")
+    with pytest.raises(SeriesError, match="modality MR"):
+        read_series(mr)
+    bad_px = series("pixels")
+    ds = pydicom.dcmread(bad_px[5])
+    ds.PixelData = ds.PixelData[:100]
+    ds.save_as(bad_px[5])
+    with pytest.raises(SeriesError, match="cannot be decoded in IM0006.dcm"):
+        read_series(bad_px)
+
+
+def test_missing_rescale_repaired_only_when_signed(tmp_path):
+    hu = phantom()
+    signed = write_dicom_series(tmp_path / "s", hu, spacing=SPACING)
+    for f in signed:
+        _edit(f, RescaleSlope=None, RescaleIntercept=None)
+    vol = read_series(signed)
+    np.testing.assert_array_equal(vol.hu, hu)       # signed values were HU already (intercept 0)
+    assert any("Rescale" in n for n in vol.meta["notes"])
+    unsigned = write_dicom_series(tmp_path / "u", hu, spacing=SPACING, unsigned=True, patient_id="U")
+    _edit(unsigned[2], RescaleIntercept=None)
+    with pytest.raises(SeriesError, match="missing RescaleSlope/RescaleIntercept on unsigned"):
+        read_series(unsigned)
+
+
+def test_missing_path_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_series(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        scan_tree(tmp_path / "nope")
