@@ -280,11 +280,21 @@ def test_ingest_deeplesion_full_term_list_and_bad_config(layout, tmp_path):
     from dompre.data.store import SliceStore
     root, labels_path, onto_path = layout
     recipe = DeepLesionIngestRecipe(prep=PrepConfig(size=16), neighbours="interval", drop_noisy=False)
-    s = ingest_deeplesion(root, tmp_path / "s", labels=labels_path, recipe=recipe, progress=False)
+    s = ingest_deeplesion(root, tmp_path / "s", labels=labels_path, recipe=recipe, progress=False, workers=2)
     assert s["lesions_ok"] == 3 and s["labels"] == 4  # the noisy lesion kept this time
     store = SliceStore(tmp_path / "s")
+    assert store.meta["lesion_idx"].tolist() == [0, 1, 3]  # worker results come back in order
     np.testing.assert_array_equal(store.labels[0], [1, 1, 0, N])
+    info = dl.read_dl_info(root / "DL_info.csv")
+    np.testing.assert_array_equal(store[0], dl.build_lesion_input(root, info, 0, cfg=recipe.lesion).image)
+    with pytest.raises(ValueError, match="written with info"):  # other settings cannot mix into this store
+        ingest_deeplesion(root, tmp_path / "s", labels=labels_path, progress=False,
+                          recipe=DeepLesionIngestRecipe(prep=PrepConfig(size=16)))
     with pytest.raises(ValueError, match="needs --ontology"):
         ingest_deeplesion(root, tmp_path / "t", labels=labels_path, classes="bodypart", progress=False)
+    small = tmp_path / "small.csv"
+    small.write_text("".join(l for l in onto_path.read_text().splitlines(True) if ",mass," not in l))
+    with pytest.raises(ValueError, match=r"\['mass'\].*not in the ontology"):
+        ingest_deeplesion(root, tmp_path / "t", labels=labels_path, ontology=small, progress=False)
     with pytest.raises(FileNotFoundError, match="Images_png"):
         ingest_deeplesion(tmp_path, tmp_path / "t", labels=labels_path, progress=False)

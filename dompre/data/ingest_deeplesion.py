@@ -85,11 +85,19 @@ def _worker_init() -> None:
 
 
 def _label_columns(labels, ontology_path: str | Path | None, classes: str | None) -> list[str]:
+    """The store's label columns: the term list, or its terms of one ontology class (checked against it)."""
+    if ontology_path is None:
+        if classes is not None:
+            raise ValueError(f"--classes {classes}: needs --ontology to know each term's class")
+        return list(labels.term_list)
+    onto = load_ontology(ontology_path)
+    missing = [t for t in labels.term_list if t not in onto.term_class]
+    if missing:
+        raise ValueError(f"{ontology_path}: term(s) {missing[:5]} of {labels.path} are not in the ontology; "
+                         "pass the ontology that matches the label file")
     if classes is None:
         return list(labels.term_list)
-    if ontology_path is None:
-        raise ValueError(f"--classes {classes}: needs --ontology to know each term's class")
-    names = load_ontology(ontology_path).select(classes, within=labels.term_list)
+    names = onto.select(classes, within=labels.term_list)
     if not names:
         raise ValueError(f"--classes {classes}: no term of {labels.path} has that class")
     return names
