@@ -77,11 +77,11 @@ def body_mask_fn(threshold: float = -500.0) -> Callable[[np.ndarray], np.ndarray
 
 def crop_box(hu: np.ndarray, threshold: float = -500.0, margin: int = 4) -> tuple[int, int, int, int]:
     """The body box (y0, y1, x0, x1) of a (z, y, x) HU volume, as :func:`crop_body` would cut it."""
-    _, start, end = _cropper(threshold, margin, hu.shape[1:]).compute_bounding_box(hu)
+    start, end = _cropper(threshold, margin).compute_bounding_box(hu)
     return int(start[0]), int(end[0]), int(start[1]), int(end[1])
 
 
-def _cropper(threshold: float, margin: int, shape) -> CropForeground:
+def _cropper(threshold: float, margin: int) -> CropForeground:
     return CropForeground(select_fn=body_mask_fn(threshold), margin=margin, allow_smaller=True)
 
 
@@ -89,7 +89,7 @@ def crop_body(hu: np.ndarray, threshold: float = -500.0, margin: int = 4) -> np.
     """Crop a (z, y, x) HU volume to the body (``CropForeground`` with :func:`body_mask_fn`)."""
     if hu.ndim != 3:
         raise ValueError(f"crop_body expects (z, y, x), got shape {hu.shape}")
-    return _np(_cropper(threshold, margin, hu.shape[1:])(hu))
+    return _np(_cropper(threshold, margin)(hu))
 
 
 def resize_slices(x: np.ndarray, size: int = 256, keep_aspect: bool = False) -> np.ndarray:

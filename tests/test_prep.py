@@ -1,0 +1,93 @@
+"""Preparation: window with clip, body crop (largest component, table removed), resize/pad, stacking counts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dompre.data.prep import (PrepConfig, crop_body, crop_box, make_stacks, prepare_volume, resample_z,
+                              resize_slices, window_hu)
+
+
+def test_window_maps_and_clips():
+    hu = np.array([[[-2000.0, -1024.0, 1023.5, 3071.0, 5000.0]]], np.float32)
+    out = window_hu(hu, (-1024, 3071))
+    np.testing.assert_allclose(out.ravel(), [0, 0, 127.5, 255, 255], atol=1e-3)
+    assert out.dtype == np.float32
+    with pytest.raises(ValueError, match="high must exceed low"):
+        window_hu(hu, (100, 100))
+
+
+def body_with_table(z: int = 4) -> np.ndarray:
+    hu = np.full((z, 40, 40), -1000.0, np.float32)
+    hu[:, 8:28, 6:30] = 40.0          # body
+    hu[:, 34:36, 2:38] = 300.0        # table under the body, not touching it
+    hu[:, 2, 2] = 0.0                 # a speck of noise
+    return hu
+
+
+def test_crop_keeps_largest_component_plus_margin():
+    hu = body_with_table()
+    assert crop_box(hu, -500, 2) == (6, 30, 4, 32)
+    out = crop_body(hu, -500, 2)
+    assert out.shape == (4, 24, 28)
+    assert (out > 200).sum() == 0     # table cut away
+    # the margin stops at the image edge instead of padding
+    assert crop_body(hu, -500, 50).shape == (4, 40, 40)
+
+
+def test_crop_without_body_keeps_image():
+    hu = np.full((2, 16, 16), -1000.0, np.float32)
+    assert crop_body(hu).shape == (2, 16, 16)
+
+
+def test_resize_and_keep_aspect_pad():
+    x = np.full((2, 20, 40), 200.0, np.float32)
+    out = resize_slices(x, 32)
+    assert out.shape == (2, 32, 32)
+    np.testing.assert_allclose(out, 200.0)
+    padded = resize_slices(x, 32, keep_aspect=True)
+    assert padded.shape == (2, 32, 32)
+    rows = padded[0].max(axis=1)
+    assert (rows == 0).sum() == 16 and np.allclose(rows[8:24], 200.0)  # 32x16 content centred, 0 above/below
+
+
+@pytest.mark.parametrize("z,stride,n,first_centers", [(10, 3, 3, [1, 4, 7]), (9, 3, 3, [1, 4, 7]),
+                                                      (10, 1, 8, [1, 2, 3]), (10, 4, 2, [1, 5]), (2, 3, 0, [])])
+def test_stack_counts(z, stride, n, first_centers):
+    slices = np.arange(z, dtype=np.uint8)[:, None, None] * np.ones((1, 4, 4), np.uint8)
+    stacks, center = make_stacks(slices, stride)
+    assert stacks.shape == (n, 3, 4, 4)
+    assert list(center[:3]) == first_centers
+    for s, c in zip(stacks, center):
+        assert list(s[:, 0, 0]) == [c - 1, c, c + 1]
+
+
+def test_resample_z_linear():
+    x = np.arange(5, dtype=np.float32)[:, None, None] * np.ones((1, 2, 2), np.float32)
+    out, new_z = resample_z(x, np.array([0.0, 1, 2, 3, 4]) * 2.0, 3.0)
+    np.testing.assert_allclose(new_z, [0, 3, 6])
+    np.testing.assert_allclose(out[:, 0, 0], [0, 1.5, 3])
+
+
+def test_prepare_volume_end_to_end():
+    hu = body_with_table(z=11)
+    stacks, zi = prepare_volume(hu, (2.0, 1.0, 1.0), PrepConfig(size=16, crop_margin=0))
+    assert stacks.dtype == np.uint8 and stacks.shape == (3, 3, 16, 16)
+    np.testing.assert_array_equal(zi, [1, 4, 7])
+    expected = np.rint((40 + 1024) / 4095 * 255)   # the crop holds only body: one uniform value
+    assert (stacks == expected).all()
+    stacks2, zi2 = prepare_volume(hu, (2.0, 1.0, 1.0), PrepConfig(size=16, slice_interval=4.0),
+                                  z=np.arange(11) * 2.0)
+    assert stacks2.shape[0] == 2          # 6 resampled slices, 4 mm apart
+    np.testing.assert_allclose(zi2, [2.0, 8.0])
+    s3, _ = prepare_volume(hu, (2.0, 1, 1), PrepConfig(size=16, window_source="series"), window=(0.0, 80.0))
+    assert s3.max() == 128                       # 40 HU is the middle of the series' own window [0, 80]
+
+
+def test_prep_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="window"):
+        PrepConfig(window=(100.0, -100.0))
+    with pytest.raises(ValueError, match="stride"):
+        PrepConfig(stride=0)
+    with pytest.raises(ValueError, match="slice_interval"):
+        PrepConfig(slice_interval=0.0)
