@@ -530,7 +530,8 @@ def build_lesion_input(root: str | Path, info: pd.DataFrame, lesion_idx: int, *,
     win = tuple(row["DICOM_windows"][:2]) if (p.window_source == "series" and len(row["DICOM_windows"]) >= 2) \
         else p.window
     image = to_uint8(resize_slices(window_hu(hu[:, y0:y1, x0:x1], win), p.size, p.keep_aspect))
-    bbox = _map_box(np.asarray(row["Bounding_boxes"][:4], np.float64), crop, p.size, p.keep_aspect)
+    box = np.asarray(row["Bounding_boxes"][:4], np.float64)
+    bbox = _map_box(box, crop, p.size, p.keep_aspect) if box.size == 4 else np.empty(0)  # empty: no box given
     scale = max(y1 - y0, x1 - x0) / p.size if p.keep_aspect else None
     sy = scale or (y1 - y0) / p.size
     sx = scale or (x1 - x0) / p.size
