@@ -87,7 +87,7 @@ class DownstreamDataset(torch.utils.data.Dataset):
         with Image.open(self.meta["path"].iat[i]) as im:
             im = im.convert("L" if (self.grayscale or self.channels == 1) else "RGB")
             im = im.resize((self.image_size, self.image_size), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+            arr = np.array(im, dtype=np.uint8)
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         if self.channels == 3 and arr.shape[0] == 1:
             arr = np.repeat(arr, 3, axis=0)
@@ -253,10 +253,11 @@ class DeepLesion(DownstreamDataset):
 
     def __init__(self, root: str | Path, *, image_size: int = 120, channels: int = 3,
                  transform: Callable | None = None, target: str = "type", labels_json: str | Path | None = None,
-                 terms: list[str] | None = None, context: float = 60.0, slice_gap_mm: float = 2.0) -> None:
+                 terms: list[str] | None = None, context: float = 60.0, slice_gap_mm: float = 2.0,
+                 return_box: bool = True) -> None:
         super().__init__(root, image_size=image_size, channels=channels, transform=transform)
         from dompre.data import deeplesion as dl
-        self._dl, self.context, self.slice_gap_mm = dl, context, slice_gap_mm
+        self._dl, self.context, self.slice_gap_mm, self.return_box = dl, context, slice_gap_mm, return_box
         info = dl.read_dl_info(self.root / "DL_info.csv")
         if target == "type":
             self.task, self.label_names = "multiclass", list(DEEPLESION_TYPES)
@@ -329,8 +330,12 @@ class DeepLesion(DownstreamDataset):
         half = max((x2 - x1) * sx, (y2 - y1) * sy) / 2 + self.context  # mm
         hx, hy = half / sx, half / sy
         crop = (cx - hx, cy - hy, cx + hx, cy + hy)
+        h, w = img.shape[1:]
+        pad = int(np.ceil(max(0.0, -crop[0], -crop[1], crop[2] - w, crop[3] - h)))  # outside the image: air (0)
+        img = np.pad(img, ((0, 0), (pad, pad), (pad, pad))) if pad else img
+        shifted = tuple(v + pad for v in crop)
         p = self.image_size
-        chans = [np.asarray(Image.fromarray(c).resize((p, p), Image.BILINEAR, box=crop)) for c in img]
+        chans = [np.asarray(Image.fromarray(c).resize((p, p), Image.BILINEAR, box=shifted)) for c in img]
         box = np.array([(x1 - crop[0]) / (2 * hx) * p, (y1 - crop[1]) / (2 * hy) * p,
                         (x2 - crop[0]) / (2 * hx) * p, (y2 - crop[1]) / (2 * hy) * p], np.float32)
         return np.stack(chans), box
@@ -340,8 +345,10 @@ class DeepLesion(DownstreamDataset):
         image = torch.from_numpy(patch if self.channels == 3 else patch[1:2].copy())
         if self.transform is not None:
             image = self.transform(image)
-        return {"image": image, "label": torch.from_numpy(self.labels[i]), "box": torch.from_numpy(box),
-                "index": i}
+        item = {"image": image, "label": torch.from_numpy(self.labels[i]), "index": i}
+        if self.return_box:
+            item["box"] = torch.from_numpy(box)
+        return item
 
 
 def _floats(cell) -> list[float]:

@@ -1,0 +1,82 @@
+"""Plots of downstream runs and studies (matplotlib, Agg backend): ROC curves, confusion matrix, learning curves,
+and the study's metric-versus-freeze chart. Each function writes one PNG atomically and returns its path."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    _plt().close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_roc(scores: np.ndarray, labels: np.ndarray, names: Sequence[str], path: Path, max_curves: int = 20) -> Path:
+    """One-vs-rest ROC curve per label/class with its AUC (NaN labels skipped; at most ``max_curves``)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    drawn = 0
+    for j, name in enumerate(names):
+        known = ~np.isnan(labels[:, j])
+        y = labels[known, j] == 1
+        if drawn >= max_curves or not y.any() or y.all():
+            continue
+        fpr, tpr, _ = roc_curve(y, scores[known, j])
+        ax.plot(fpr, tpr, lw=1, label=f"{name} ({roc_auc_score(y, scores[known, j]):.3f})")
+        drawn += 1
+    ax.plot([0, 1], [0, 1], "k--", lw=0.5)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (test)")
+    if drawn:
+        ax.legend(fontsize=6, loc="lower right")
+    return _save(fig, path)
+
+
+def plot_confusion(cm: np.ndarray, names: Sequence[str], path: Path) -> Path:
+    """Confusion matrix (rows true, columns predicted) with counts."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(names), 1 + 0.5 * len(names)))
+    ConfusionMatrixDisplay(np.asarray(cm), display_labels=list(names)).plot(ax=ax, colorbar=False,
+                                                                           xticks_rotation="vertical")
+    return _save(fig, path)
+
+
+def plot_learning_curves(histories: Sequence[Sequence[dict]], path: Path) -> Path:
+    """Train and val loss per epoch, one pair of lines per ensemble member."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for k, hist in enumerate(histories):
+        ep = [h["epoch"] for h in hist]
+        ax.plot(ep, [h["train_loss"] for h in hist], "-o", ms=3, label=f"train {k}")
+        ax.plot(ep, [h["val_loss"] for h in hist], "--o", ms=3, label=f"val {k}")
+    ax.set(xlabel="epoch", ylabel="loss", title="learning curves")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_study(summary, metric: str, path: Path) -> Path:
+    """Mean ± std of ``metric`` against freeze %, one line per init (and strategy)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key, rows in summary.groupby(["init", "strategy"]):
+        rows = rows.sort_values("freeze")
+        ax.errorbar(rows["freeze"], rows["mean"], yerr=rows["std"].fillna(0), capsize=3, marker="o",
+                    label=" / ".join(map(str, key)))
+    ax.set(xlabel="frozen layers (%)", ylabel=metric, title=f"{metric}: mean ± std over seeds")
+    ax.legend(fontsize=7)
+    return _save(fig, path)

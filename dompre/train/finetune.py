@@ -1,0 +1,524 @@
+"""Downstream fine-tuning: ``dompre finetune RECIPE [key=value ...]``.
+
+One recipe (:class:`FinetuneRecipe`) says which dataset (:mod:`dompre.data.downstream`), which model and
+initialisation, and which transfer strategy:
+
+- ``model.init``: ``random``; ``domain`` (a dompre export folder, loaded with
+  ``timm.create_model('local-dir:DIR', pretrained=True, num_classes=K)``); ``file`` (any weights file, loaded through
+  timm's ``pretrained_cfg_overlay=dict(file=...)`` so its checkpoint filters and ``in_chans`` adaptation apply, or
+  else as a safetensors / ``torch.load(weights_only=True)`` state dict, non-strictly, without the classifier).
+- ``train.strategy``: ``finetune`` (gradient training, with ``train.freeze`` percent of the layers frozen) or
+  ``features`` (pooled features of the frozen model into scikit-learn logistic regression or linear SVM).
+- **Layers** (for ``freeze``): the parameterised modules (modules that own parameters directly), in registration
+  order, of the backbone: for LesaNet its ``backbone``; for timm models every one registered before
+  ``get_classifier()``. Freezing X% freezes the first ``floor(X / 100 × n_layers)`` of them (their parameters stop
+  requiring gradients and their BatchNorm statistics stay fixed); the classifier and anything after it (e.g. the
+  score propagation layer) always train. ``freeze=100`` trains only the head.
+- ``train.class_weights``: inverse-frequency class weights (multiclass) or LesaNet's per-label positive/negative
+  weights (multi-label). ``train.augment``: random resized crop, flip, small rotation, brightness/contrast.
+- ``model.n_models``: train n models (seeds ``seed``..``seed+n-1``) and average their probabilities.
+
+A run folder holds ``recipe.yaml`` (resolved), ``metrics.json``, ``per_label.csv``, ``predictions.npz``,
+``model_<k>.safetensors`` and plots (``roc.png``, ``confusion.png``, ``learning_curves.png``). Metrics come from
+:mod:`dompre.train.metrics`: the LesaNet protocol for multi-label tasks (thresholds chosen on val), the
+Medico-style report for single-label tasks; plus inference frames per second.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dompre.recipes import PATH, load_recipe, save_recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    kind: Literal["kvasir", "pneumonia", "chestxray14", "deeplesion_type", "lesanet"] = "kvasir"  # dataset reader
+    root: str = field(default="data/kvasir", metadata=PATH)  # dataset folder (see dompre.data.downstream)
+    labels_json: str | None = field(default=None, metadata=PATH)  # lesanet: text_mined_labels_171_and_split.json
+    terms: tuple[str, ...] = ()  # lesanet: label subset (empty = the whole term list)
+    image_size: int = 224  # input side in pixels (LesaNet: 120)
+    channels: int = 3  # 3 = grayscale repeated; 1 = model built with in_chans=1 (timm adapts the first conv)
+    val_fraction: float = 0.1  # share carved for val when the dataset has no (or a tiny) val split
+    test_fraction: float = 0.2  # share carved for test when the dataset has no test split
+    min_val: int = 100  # an official val split smaller than this is replaced by a carved one
+    folds: int = 0  # k > 1: k-fold cross-validation, fold `fold` is the test set
+    fold: int = 0
+    split_seed: int = 0  # seed of the carved splits (kept fixed across a study's training seeds)
+    num_workers: int = 0  # DataLoader workers
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "resnet18"  # timm architecture (LesaNet: its backbone); ignored for init=domain
+    head: Literal["timm", "lesanet"] = "timm"  # lesanet = multi-scale RoI head + score propagation
+    init: Literal["random", "domain", "file"] = "random"
+    weights: str | None = field(default=None, metadata=PATH)  # export folder (domain) or weights file (file)
+    drop_rate: float = 0.0  # dropout before the classifier
+    n_models: int = 1  # ensemble size: outputs of n models averaged
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    strategy: Literal["finetune", "features"] = "finetune"
+    freeze: float = 0.0  # percent of layers frozen from the bottom (0..100)
+    classifier: Literal["logreg", "linear_svm"] = "logreg"  # strategy=features
+    epochs: int = 10
+    batch_size: int = 32
+    opt: str = "adamw"  # any timm.optim.create_optimizer_v2 name (sgd, adamw, lookahead_radam, ...)
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    sched: Literal["cosine", "step", "none"] = "cosine"
+    step_epochs: tuple[int, ...] = ()  # sched=step: epochs where lr is multiplied by gamma
+    gamma: float = 0.1
+    class_weights: bool = False
+    augment: bool = True
+    max_steps_per_epoch: int = 0  # 0 = whole training set each epoch (tests use 1-2)
+    eval_batch_size: int = 64
+    save_models: bool = True
+
+
+@dataclass(frozen=True)
+class FinetuneRecipe:
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    seed: int = 0
+    out_dir: str = field(default="runs/finetune", metadata=PATH)
+
+
+def load_finetune_recipe(path: str | Path | None, overrides: list[str] = ()) -> FinetuneRecipe:
+    """Read and check a fine-tuning recipe (see :class:`FinetuneRecipe`)."""
+    recipe = load_recipe(path, FinetuneRecipe, overrides)
+    t, m = recipe.train, recipe.model
+    if not 0 <= t.freeze <= 100:
+        raise ValueError(f"train.freeze={t.freeze}: a percentage of layers in 0..100")
+    if m.init != "random" and not m.weights:
+        raise ValueError(f"model.init={m.init} needs model.weights (an export folder or a weights file)")
+    if m.init != "random" and not Path(m.weights).exists():
+        raise FileNotFoundError(f"model.weights {m.weights} does not exist; fix the path")
+    if m.init == "domain" and not (Path(m.weights) / "config.json").is_file():
+        raise FileNotFoundError(f"model.weights {m.weights}: no config.json; init=domain takes a `dompre export` "
+                                f"folder (use init=file for a weights file)")
+    if recipe.data.kind == "lesanet" and m.head != "lesanet":
+        raise ValueError("data.kind=lesanet needs model.head=lesanet (the RoI head uses the lesion box)")
+    if t.strategy == "features" and m.head == "lesanet":
+        raise ValueError("train.strategy=features is for model.head=timm; LesaNet trains its RoI head")
+    if m.n_models < 1:
+        raise ValueError(f"model.n_models={m.n_models}: use 1 or more")
+    return recipe
+
+
+# ----------------------------------------------------------------------------------------------- models
+def _weights_state_dict(path: Path) -> dict:
+    """A state dict from a safetensors or torch file (weights_only), unwrapped from common containers."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        sd = load_file(str(path))
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def load_weights_file(model: nn.Module, path: str | Path) -> dict:
+    """Load ``path`` into ``model`` non-strictly, dropping tensors whose shape differs (the classifier).
+
+    Returns ``{"loaded", "missing", "unexpected", "shape_mismatch"}`` counts; raises ValueError if nothing matched.
+    """
+    path = Path(path)
+    sd = _weights_state_dict(path)
+    own = model.state_dict()
+    keep = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    if not keep:
+        raise ValueError(f"weights file {path}: none of its {len(sd)} tensors match the model's names and shapes; "
+                         f"check model.arch")
+    res = model.load_state_dict(keep, strict=False)
+    return {"loaded": len(keep), "missing": len(res.missing_keys), "unexpected": len(set(sd) - set(own)),
+            "shape_mismatch": sum(1 for k, v in sd.items() if k in own and own[k].shape != v.shape)}
+
+
+def build_model(recipe: FinetuneRecipe, num_classes: int) -> tuple[nn.Module, dict]:
+    """The model of ``recipe`` with ``num_classes`` outputs, and a dict saying how it was initialised."""
+    import timm
+
+    import dompre  # noqa: F401  (registers MAKNet with timm)
+    m, c = recipe.model, recipe.data.channels
+    info: dict = {"init": m.init, "weights": m.weights or None}
+    if m.init == "domain":
+        cfg = json.loads((Path(m.weights) / "config.json").read_text())
+        info["arch"] = cfg.get("architecture")
+        name, kw = f"local-dir:{m.weights}", {"pretrained": True}
+    elif m.init == "file":
+        name, kw = m.arch, {"pretrained": True, "pretrained_cfg_overlay": dict(file=m.weights)}
+        info["arch"] = m.arch
+    else:
+        name, kw = m.arch, {"pretrained": False}
+        info["arch"] = m.arch
+
+    def create(**extra):
+        if m.head == "lesanet":
+            from dompre.models.lesanet import LesaNet
+            return LesaNet(num_classes, name, in_chans=c, drop_rate=m.drop_rate, **kw, **extra)
+        return timm.create_model(name, num_classes=num_classes, in_chans=c, drop_rate=m.drop_rate, **kw, **extra)
+
+    if m.init != "file":
+        return create(), info
+    try:
+        model = create()
+        info["loader"] = "timm pretrained_cfg_overlay"
+    except (RuntimeError, KeyError, ValueError) as e:  # keys of another layout: load what matches
+        log.info("timm could not load %s (%s); loading it non-strictly", m.weights, str(e)[:200])
+        kw = {"pretrained": False}
+        model = create()
+        target = model.backbone if m.head == "lesanet" else model
+        info.update(loader="non-strict state dict", **load_weights_file(target, m.weights))
+    return model, info
+
+
+def layer_list(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The freezable layers of ``model``, bottom first (see the module docstring for the definition)."""
+    owns = (lambda mod: next(mod.parameters(recurse=False), None) is not None)
+    if hasattr(model, "backbone") and isinstance(model.backbone, nn.Module):
+        return [(f"backbone.{n}", mod) for n, mod in model.backbone.named_modules() if owns(mod)]
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    layers = []
+    for n, mod in model.named_modules():
+        if mod is classifier:
+            break
+        if owns(mod):
+            layers.append((n, mod))
+    return layers
+
+
+def freeze_layers(model: nn.Module, percent: float) -> dict:
+    """Freeze the bottom ``percent`` % of :func:`layer_list`; returns counts and the frozen module names."""
+    layers = layer_list(model)
+    n_frozen = math.floor(len(layers) * percent / 100 + 1e-9)
+    for _, mod in layers[:n_frozen]:
+        for p in mod.parameters(recurse=False):
+            p.requires_grad_(False)
+    model._dompre_frozen = [mod for _, mod in layers[:n_frozen]]
+    return {"n_layers": len(layers), "n_frozen": n_frozen, "frozen": [n for n, _ in layers[:n_frozen]],
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total_params": sum(p.numel() for p in model.parameters())}
+
+
+def _set_train(model: nn.Module) -> None:
+    """train() mode, but frozen layers (BatchNorm statistics) stay in eval()."""
+    model.train()
+    for mod in getattr(model, "_dompre_frozen", []):
+        mod.eval()
+
+
+def _norm_stats(model: nn.Module, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from timm.data import resolve_data_config
+    cfg = resolve_data_config({}, model=model.backbone if hasattr(model, "backbone") else model)
+    mean, std = list(cfg["mean"]), list(cfg["std"])
+    if len(mean) != channels:
+        mean, std = [float(np.mean(mean))] * channels, [float(np.mean(std))] * channels
+    return torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+
+
+# ------------------------------------------------------------------------------------------- training
+def _augment(size: int):
+    from torchvision.transforms import v2
+    return v2.Compose([v2.RandomResizedCrop(size, scale=(0.75, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+                       v2.RandomRotation(10), v2.ColorJitter(brightness=0.2, contrast=0.2)])
+
+
+class _View(torch.utils.data.Dataset):
+    """``ds`` restricted to ``indices`` with its own transform (train augmentation or none)."""
+
+    def __init__(self, ds, indices: np.ndarray, transform=None):
+        self.ds, self.indices, self.transform = ds, np.asarray(indices), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.ds[int(self.indices[i])]
+        if self.transform is not None:
+            item["image"] = self.transform(item["image"])
+        return item
+
+
+def _forward(model: nn.Module, batch: dict, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    x = (batch["image"].float() / 255 - mean.to(batch["image"].device)) / std.to(batch["image"].device)
+    return model(x, batch["box"]) if "box" in batch else model(x)
+
+
+def _loss_fn(task: str, train_labels: np.ndarray, class_weights: bool):
+    from dompre.models.lesanet import label_weights, weighted_bce
+    y = torch.from_numpy(train_labels)
+    if task == "multiclass":
+        w = None
+        if class_weights:
+            counts = y.sum(0).clamp(min=1)
+            w = counts.sum() / (len(counts) * counts)
+        return lambda logits, labels: F.cross_entropy(logits, labels.argmax(1),
+                                                      weight=None if w is None else w.to(logits))
+    w_pos, w_neg = label_weights(y) if class_weights else (None, None)
+    return lambda logits, labels: weighted_bce(logits, labels, w_pos, w_neg)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, accelerator, mean, std, task: str, loss=None) -> dict:
+    """Probabilities, labels, indices, mean loss and forward seconds over ``loader``."""
+    model.eval()
+    scores, labels, index, losses, seconds = [], [], [], [], 0.0
+    for batch in loader:
+        t0 = time.perf_counter()
+        logits = _forward(model, batch, mean, std)
+        prob = logits.softmax(1) if task == "multiclass" else logits.sigmoid()
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
+        if loss is not None:
+            losses.append(float(loss(logits.float(), batch["label"])))
+        p, y, i = accelerator.gather_for_metrics((prob.float(), batch["label"], batch["index"]))
+        scores.append(p.cpu().numpy()), labels.append(y.cpu().numpy()), index.append(i.cpu().numpy())
+    cat = (lambda xs, w: np.concatenate(xs) if xs else np.zeros((0, w), np.float32))
+    return {"scores": cat(scores, model.num_classes), "labels": cat(labels, model.num_classes),
+            "index": np.concatenate(index) if index else np.zeros(0, int),
+            "loss": float(np.mean(losses)) if losses else float("nan"), "seconds": seconds}
+
+
+def train_model(recipe: FinetuneRecipe, ds, splits: dict, seed: int, accelerator) -> dict:
+    """Train one model with the finetune strategy; keep the epoch with the lowest val loss."""
+    from accelerate.utils import set_seed, tqdm
+    from timm.optim import create_optimizer_v2
+    t = recipe.train
+    set_seed(seed)
+    model, init_info = build_model(recipe, len(ds.label_names))
+    freeze_info = freeze_layers(model, t.freeze)
+    mean, std = _norm_stats(model, recipe.data.channels)
+    aug = _augment(recipe.data.image_size) if t.augment and recipe.model.head != "lesanet" else None
+    gen = torch.Generator().manual_seed(seed)
+    train_set = _View(ds, splits["train"], aug)
+    mk = (lambda idx, bs, shuffle: torch.utils.data.DataLoader(
+        _View(ds, idx) if not shuffle else train_set, batch_size=bs, shuffle=shuffle, generator=gen,
+        drop_last=shuffle and len(idx) > bs, num_workers=recipe.data.num_workers))
+    train_dl = mk(splits["train"], t.batch_size, True)
+    val_dl = mk(splits["val"], t.eval_batch_size, False)
+    opt_kw = {"momentum": t.momentum} if t.opt in ("sgd", "momentum", "nesterov") else {}
+    opt = create_optimizer_v2(model, opt=t.opt, lr=t.lr, weight_decay=t.weight_decay, **opt_kw)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, t.epochs)) if t.sched == "cosine" else
+             torch.optim.lr_scheduler.MultiStepLR(opt, list(t.step_epochs), t.gamma) if t.sched == "step" else None)
+    model, opt, train_dl, val_dl = accelerator.prepare(model, opt, train_dl, val_dl)
+    loss_fn = _loss_fn(ds.task, ds.labels[splits["train"]], t.class_weights)
+    history, best, best_loss = [], None, math.inf
+    for epoch in range(t.epochs):
+        _set_train(model)
+        total, n = 0.0, 0
+        for step, batch in enumerate(tqdm(train_dl, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False)):
+            if t.max_steps_per_epoch and step >= t.max_steps_per_epoch:
+                break
+            loss = loss_fn(_forward(model, batch, mean, std).float(), batch["label"])
+            accelerator.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            total, n = total + float(loss.detach()), n + 1
+        if sched is not None:
+            sched.step()
+        val = predict(model, val_dl, accelerator, mean, std, ds.task, loss_fn) if len(splits["val"]) else None
+        val_loss = val["loss"] if val else total / max(n, 1)
+        history.append({"epoch": epoch + 1, "train_loss": total / max(n, 1), "val_loss": val_loss,
+                        "lr": opt.param_groups[0]["lr"]})
+        if val_loss <= best_loss or best is None:
+            best_loss, best = val_loss, copy.deepcopy(accelerator.unwrap_model(model).state_dict())
+    accelerator.unwrap_model(model).load_state_dict(best)
+    return {"model": model, "history": history, "init": init_info, "freeze": freeze_info, "mean": mean,
+            "std": std}
+
+
+# ------------------------------------------------------------------------------------ feature extraction
+@torch.no_grad()
+def extract_features(model: nn.Module, loader, mean, std) -> tuple[np.ndarray, np.ndarray, float]:
+    """Pooled pre-logits features (N, D), labels (N, L) and forward seconds."""
+    model.eval()
+    feats, labels, seconds = [], [], 0.0
+    device = next(model.parameters()).device
+    for batch in loader:
+        t0 = time.perf_counter()
+        x = (batch["image"].to(device).float() / 255 - mean.to(device)) / std.to(device)
+        feats.append(model.forward_head(model.forward_features(x), pre_logits=True).flatten(1).cpu().numpy())
+        seconds += time.perf_counter() - t0
+        labels.append(batch["label"].numpy())
+    return np.concatenate(feats), np.concatenate(labels), seconds
+
+
+def _fit_linear(kind: str, x: np.ndarray, y: np.ndarray, balanced: bool, seed: int):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+    cw = "balanced" if balanced else None
+    clf = (LogisticRegression(max_iter=2000, class_weight=cw, random_state=seed) if kind == "logreg"
+           else LinearSVC(class_weight=cw, random_state=seed))
+    return make_pipeline(StandardScaler(), clf).fit(x, y)
+
+
+def _linear_scores(clf, x: np.ndarray, n_classes: int) -> np.ndarray:
+    """Class probabilities (logreg) or softmax of decision values (SVM) in columns 0..K-1."""
+    classes = clf.classes_
+    if hasattr(clf, "predict_proba") and hasattr(clf[-1], "predict_proba"):
+        s = clf.predict_proba(x)
+    else:
+        d = clf.decision_function(x)
+        d = np.stack([-d, d], 1) if d.ndim == 1 else d
+        s = np.exp(d - d.max(1, keepdims=True))
+        s /= s.sum(1, keepdims=True)
+    out = np.zeros((len(x), n_classes))
+    out[:, classes] = s
+    return out
+
+
+def run_features(recipe: FinetuneRecipe, ds, splits: dict) -> dict:
+    """Feature-extraction strategy: frozen model features into a scikit-learn linear classifier."""
+    from accelerate.utils import set_seed
+    set_seed(recipe.seed)
+    model, init_info = build_model(recipe, len(ds.label_names))
+    mean, std = _norm_stats(model, recipe.data.channels)
+    dl = (lambda idx: torch.utils.data.DataLoader(_View(ds, idx), batch_size=recipe.train.eval_batch_size,
+                                                  num_workers=recipe.data.num_workers))
+    out = {}
+    for name in ("train", "val", "test"):
+        out[name] = extract_features(model, dl(splits[name]), mean, std)
+    (xtr, ytr, _), k = out["train"], len(ds.label_names)
+    scores = {s: np.zeros((len(out[s][0]), k)) for s in ("val", "test")}
+    if ds.task == "multiclass":
+        clf = _fit_linear(recipe.train.classifier, xtr, ytr.argmax(1), recipe.train.class_weights, recipe.seed)
+        scores = {s: _linear_scores(clf, out[s][0], k) for s in scores}
+    else:
+        for j in range(k):
+            known = ~np.isnan(ytr[:, j])
+            yj = ytr[known, j].astype(int)
+            clf = (_fit_linear(recipe.train.classifier, xtr[known], yj, recipe.train.class_weights, recipe.seed)
+                   if len(np.unique(yj)) == 2 else None)
+            for s in scores:  # a label with one class only gets a constant score at its prior
+                scores[s][:, j] = (_linear_scores(clf, out[s][0], 2)[:, 1] if clf is not None
+                                   else (yj.mean() if len(yj) else 0.0))
+    return {"val": {"scores": scores["val"], "labels": out["val"][1]},
+            "test": {"scores": scores["test"], "labels": out["test"][1], "seconds": out["test"][2],
+                     "index": np.asarray(splits["test"])},
+            "init": init_info, "feature_dim": int(xtr.shape[1]), "history": []}
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def evaluate(task: str, val: dict, test: dict, label_names: list[str], parents=None) -> dict:
+    """Metrics of test scores: LesaNet protocol (thresholds from val) or the single-label report."""
+    from dompre.train.metrics import choose_thresholds, classification_report, lesanet_eval
+    if task == "multilabel":
+        ths = (choose_thresholds(val["scores"], val["labels"]) if len(val["scores"])
+               else np.full(len(label_names), 0.5))
+        res = lesanet_eval(test["scores"], test["labels"], ths, parents=parents, label_names=label_names)
+        res.pop("pred")
+        table = res.pop("per_label")
+    else:
+        y = test["labels"].argmax(1)
+        res = classification_report(y, test["scores"].argmax(1), test["scores"], labels=list(range(len(label_names))))
+        table = res.pop("per_class")
+        table.index = label_names
+        res["confusion_matrix"] = np.asarray(res["confusion_matrix"]).tolist()
+        res.pop("labels")
+    return {"metrics": {k: v for k, v in res.items()}, "table": table}
+
+
+def _write_json(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    os.replace(tmp, path)
+
+
+def prepare_data(recipe: FinetuneRecipe):
+    """(dataset, splits) of ``recipe``."""
+    from dompre.data.downstream import build_dataset, make_splits
+    d = recipe.data
+    kw = {"image_size": d.image_size, "channels": d.channels}
+    if d.kind == "lesanet":
+        kw.update(labels_json=d.labels_json, terms=list(d.terms) or None)
+    if d.kind in ("lesanet", "deeplesion_type"):
+        kw["return_box"] = recipe.model.head == "lesanet"
+    elif recipe.model.head == "lesanet":
+        raise ValueError(f"model.head=lesanet needs lesion boxes: use data.kind lesanet or deeplesion_type, "
+                         f"not {d.kind}")
+    ds = build_dataset(d.kind, d.root, **kw)
+    splits = make_splits(ds, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed,
+                         folds=d.folds, fold=d.fold, min_val=d.min_val)
+    for name in ("train", "test"):
+        if not len(splits[name]):
+            raise ValueError(f"{d.root}: the {name} split is empty ({len(ds)} usable samples); add data or "
+                             f"change data.test_fraction / data.val_fraction")
+    return ds, splits
+
+
+def run_finetune(recipe: FinetuneRecipe, out_dir: str | Path | None = None) -> dict:
+    """Run one recipe end to end and write its run folder; returns the metrics dict (also ``metrics.json``)."""
+    from accelerate import Accelerator
+
+    from dompre.train import downstream_plots as plots
+    from safetensors.torch import save_file
+    out = Path(out_dir or recipe.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, out / "recipe.yaml")
+    ds, splits = prepare_data(recipe)
+    k = len(ds.label_names)
+    if recipe.train.strategy == "features":
+        res = run_features(recipe, ds, splits)
+        val, test, histories, extra = res["val"], res["test"], [], {"feature_dim": res["feature_dim"]}
+        init_info, seconds, freeze_info = res["init"], test["seconds"], None
+    else:
+        accelerator = Accelerator()
+        runs = [train_model(recipe, ds, splits, recipe.seed + m, accelerator) for m in range(recipe.model.n_models)]
+        mk = (lambda idx: accelerator.prepare(torch.utils.data.DataLoader(
+            _View(ds, idx), batch_size=recipe.train.eval_batch_size, num_workers=recipe.data.num_workers)))
+        val_dl, test_dl = mk(splits["val"]), mk(splits["test"])
+        preds = [(predict(r["model"], val_dl, accelerator, r["mean"], r["std"], ds.task),
+                  predict(r["model"], test_dl, accelerator, r["mean"], r["std"], ds.task)) for r in runs]
+        val = {"scores": np.mean([p[0]["scores"] for p in preds], 0), "labels": preds[0][0]["labels"]}
+        test = {"scores": np.mean([p[1]["scores"] for p in preds], 0), "labels": preds[0][1]["labels"],
+                "index": preds[0][1]["index"]}
+        seconds = sum(p[1]["seconds"] for p in preds)
+        histories = [r["history"] for r in runs]
+        init_info, freeze_info, extra = runs[0]["init"], runs[0]["freeze"], {}
+        if recipe.train.save_models and accelerator.is_main_process:
+            for m, r in enumerate(runs):
+                sd = {n: t.detach().cpu().contiguous() for n, t in accelerator.unwrap_model(r["model"]).state_dict().items()}
+                save_file(sd, str(out / f"model_{m}.safetensors.tmp"))
+                os.replace(out / f"model_{m}.safetensors.tmp", out / f"model_{m}.safetensors")
+    ev = evaluate(ds.task, val, test, ds.label_names)
+    n_test = len(test["scores"])
+    result = {"task": ds.task, "dataset": recipe.data.kind, "label_names": ds.label_names,
+              "n": {s: int(len(v)) for s, v in splits.items()}, "skipped": len(ds.skipped),
+              "init": init_info, "strategy": recipe.train.strategy, "freeze_percent": recipe.train.freeze,
+              "freeze": freeze_info, "n_models": recipe.model.n_models, "seed": recipe.seed,
+              "test": ev["metrics"], "fps": n_test / seconds if seconds > 0 else float("nan"),
+              "history": histories, **extra}
+    ev["table"].to_csv(out / "per_label.csv")
+    np.savez(out / "predictions.npz", scores=test["scores"], labels=test["labels"],
+             index=np.asarray(test.get("index", splits["test"])))
+    plots.plot_roc(test["scores"], test["labels"], ds.label_names, out / "roc.png")
+    if ds.task == "multiclass":
+        plots.plot_confusion(np.asarray(ev["metrics"]["confusion_matrix"]), ds.label_names, out / "confusion.png")
+    if histories:
+        plots.plot_learning_curves(histories, out / "learning_curves.png")
+    _write_json(result, out / "metrics.json")
+    return result
