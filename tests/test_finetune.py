@@ -118,14 +118,9 @@ def test_init_from_weights_file_and_domain_export(kvasir, tmp_path):
     assert info["unexpected"] == 1 and info["loaded"] == len(src.state_dict()) - 3
     torch.testing.assert_close(model.layer1[0].conv1.weight, src.layer1[0].conv1.weight)
     export = tmp_path / "export"
-    try:
-        from dompre.export import export_timm  # noqa: F401  (engineer D's exporter, when it has landed)
-        from dompre.models.checkpoint import save_checkpoint
-        save_checkpoint(src, tmp_path / "ckpt", arch="test_resnet", label_names=list("abcde"))
-        export_timm(tmp_path / "ckpt", export)
-    except ImportError:
-        from timm.models import save_for_hf
-        save_for_hf(src, export, safe_serialization=True)
+    from dompre.export import export_timm, save_checkpoint
+    save_checkpoint(src, tmp_path / "ckpt", arch="test_resnet", label_names=list("abcde"))
+    export_timm(tmp_path / "ckpt", export)
     model, info = build_model(_recipe(None, kvasir, tmp_path, "model.init=domain", f"model.weights={export}"), 8)
     torch.testing.assert_close(model.conv1[0].weight, src.conv1[0].weight)
     assert info["arch"] == "test_resnet" and model.get_classifier().out_features == 8

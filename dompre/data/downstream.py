@@ -244,8 +244,9 @@ class DeepLesion(DownstreamDataset):
     ``labels_json`` (``text_mined_labels_171_and_split.json``; uncertain = NaN) and its splits; ``terms`` picks a
     subset (e.g. the 115 body parts). ``Possibly_noisy`` lesions are skipped.
 
-    Each input, as LesaNet builds it: slices ``key - d``, ``key``, ``key + d`` with ``d`` = 2 mm in slices (nearest
-    existing slice where one is missing), windowed to [-1024, 3071] HU; a square crop centred on the box with
+    Each input, as LesaNet builds it: the planes 2 mm before and after the key slice and the key slice
+    (``dompre.data.deeplesion.load_lesion_slices``: interpolated, nearest existing slice where one is missing),
+    windowed to [-1024, 3071] HU; a square crop centred on the box with
     side = longest box side + 2 × ``context`` mm, resized to ``patch`` pixels. ``ds[i]["box"]`` is the lesion box
     (x1, y1, x2, y2) in patch pixels.
     """
@@ -306,23 +307,13 @@ class DeepLesion(DownstreamDataset):
                 "box": _floats(info["Bounding_boxes"].iat[idx]), "spacing": _floats(info["Spacing_mm_px_"].iat[idx]),
                 "slice_range": _floats(info["Slice_range"].iat[idx])}
 
-    def _slice(self, folder: Path, k: int, lo: int, hi: int, key: int) -> np.ndarray:
-        """HU of slice ``k`` (clamped to the available range; the nearest existing file toward the key)."""
-        k = int(min(max(k, lo), hi))
-        step = 1 if k < key else -1
-        while k != key and not (folder / f"{k:03d}.png").is_file():
-            k += step
-        return self._dl.read_png_slice(folder / f"{k:03d}.png")
-
     def load_lesion(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 (3, P, P) patch, float32 box (4,) in patch pixels) of sample ``i``."""
         row = self.meta.iloc[i]
         key_path = Path(row["path"])
-        key = int(key_path.stem)
-        sx, sy, sz = (list(row["spacing"]) + [1.0, 1.0, 1.0])[:3]
-        d = max(1, int(round(self.slice_gap_mm / sz))) if sz > 0 else 1
-        lo, hi = (row["slice_range"] or [key, key])[:2]
-        vol = np.stack([self._slice(key_path.parent, key + o, lo, hi, key) for o in (-d, 0, d)])
+        sx, sy, sz = (list(row["spacing"]) + [1.0, 1.0, float("nan")])[:3]
+        vol = self._dl.load_lesion_slices(key_path.parent, int(key_path.stem), sz, neighbours="interval",
+                                          interval_mm=self.slice_gap_mm)
         a, b = LESANET_WINDOW
         img = (np.clip((vol - a) / (b - a), 0, 1) * 255).astype(np.uint8)
         x1, y1, x2, y2 = np.asarray(row["box"], np.float64)[:4]  # 0-based (read_dl_info converts)
