@@ -131,7 +131,8 @@ def _save_checkpoint(accelerator, model, stage: Path, arch: str, label_names: li
     if accelerator.is_main_process:
         tmp = stage / "checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_checkpoint(model, tmp, arch=arch, label_names=label_names, model_kwargs=model_kwargs(model), info=info)
+        card = {k: v for k, v in info.items() if k not in ("arch", "label_names", "num_classes", "model_kwargs")}
+        save_checkpoint(model, tmp, arch=arch, label_names=label_names, model_kwargs=model_kwargs(model), info=card)
         os.replace(tmp, _checkpoint_dir(stage))
         shutil.rmtree(stage / "state", ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -215,7 +216,10 @@ def run(recipe: PretrainRecipe) -> dict:
     check_recipe(recipe)
     out = Path(recipe.output_dir)
     data = load_run_data(recipe)
-    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision, rng_types=[],
+    import torch
+    # accelerate only picks gloo (MULTI_CPU) for a multi-process launch when told the run is on CPU
+    on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=recipe.train.mixed_precision, rng_types=[],
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
                               log_with=["tensorboard", CSVTracker("dompre", out / "logs")])
     if accelerator.is_main_process:
@@ -237,7 +241,9 @@ def run(recipe: PretrainRecipe) -> dict:
             info = json.loads(info_path.read_text()) if info_path.is_file() else {"iteration": it}
         else:
             model, arch, info = _train_iteration(accelerator, recipe, data, it, stage, position, model)
-            info["arch"] = arch
+            info.update(arch=arch, role="teacher" if it == 0 else "student",
+                        input_size=[3, recipe.model.img_size, recipe.model.img_size],
+                        data=f"labeled {recipe.data.labeled_store}; unlabeled {recipe.data.unlabeled_store}")
             if accelerator.is_main_process:
                 write_json(info_path, info)
             _save_checkpoint(accelerator, model, stage, arch, data.label_names, info)

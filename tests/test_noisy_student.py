@@ -1,0 +1,161 @@
+"""End-to-end Noisy Student on tiny stores (32 px): outputs, resume after a failure, multi-process launches."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dompre.data.store import StoreWriter
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ["a", "b", "c"]
+
+
+def _image(rng, labels):
+    img = rng.integers(0, 60, (3, 32, 32)).astype(np.uint8)
+    for j, on in enumerate(labels):
+        if on == 1:
+            y, x = divmod(j, 2)
+            img[:, y * 16:(y + 1) * 16, x * 16:(x + 1) * 16] += 150
+    return img
+
+
+def _write(path, n, rng, splits=None, labeled=True):
+    lab = (rng.random((n, 3)) < 0.5).astype(np.float32)
+    with StoreWriter(path, image_size=32, label_names=NAMES if labeled else None, shard_size=16) as w:
+        for i in range(n):
+            meta = {"split": splits[i] if splits else "", "lesion_idx": i if labeled else -1}
+            w.add(_image(rng, lab[i]), meta=meta, labels=lab[i] if labeled else None)
+            w.commit_unit(f"u{i}")
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stores")
+    rng = np.random.default_rng(0)
+    _write(root / "lab", 36, rng, splits=["train"] * 12 + ["val"] * 12 + ["test"] * 12)
+    _write(root / "unl", 48, rng, labeled=False)
+    return root
+
+
+def _overrides(stores, out, **extra):
+    o = {"output_dir": str(out), "iterations": 1, "data.labeled_store": str(stores / "lab"),
+         "data.unlabeled_store": str(stores / "unl"), "data.label_class": "all", "model.name": "maknet_tiny",
+         "model.img_size": 32, "model.drop_path_rate": 0.0, "teacher.epochs": 2, "teacher.batch_size": 4,
+         "teacher.lr": 0.003, "pseudo.batch_size": 8, "pseudo.chunk_size": 16, "student.labeled_epochs": 1,
+         "student.labeled_batch": 4, "student.pseudo_batch": 4, "student.lr": 0.003,
+         "train.num_workers": 0, "train.checkpoint_every": 1, "train.progress": False, "eval.batch_size": 16}
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def _run(stores, out, **extra):
+    from dompre.noisy_student import run_recipe
+    return run_recipe(None, _overrides(stores, out, **extra))
+
+
+def _final(out):
+    return json.loads((Path(out) / "iter1" / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(stores, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    result = _run(stores, out)
+    return out, result
+
+
+def test_end_to_end_outputs(reference):
+    out, result = reference
+    assert [r["iteration"] for r in result["results"]] == [0, 1]
+    for name in ("metrics.csv", "metrics.md", "metrics.png", "recipe.yaml", "iter0/checkpoint/checkpoint.json",
+                 "iter1/checkpoint/model.safetensors", "iter0/pseudo/index.json", "iter1/metrics.json"):
+        assert (out / name).exists(), name
+    assert not (out / "iter0" / "state").exists()  # training state removed once the checkpoint is written
+    assert not (out / "iter1" / "pseudo").exists()  # the last student labels nothing
+    m = _final(out)
+    assert set(m) >= {"thresholds", "val", "test"} and 0.0 <= m["test"]["auc"] <= 1.0
+    idx = np.load(next((out / "iter0" / "pseudo").glob("topk-000000016-*.idx.npy")))
+    assert idx.dtype == np.int16 and idx.shape == (16, 3)
+    assert len((out / "metrics.md").read_text().strip().splitlines()) == 4  # header, rule, 2 iterations
+
+
+@pytest.mark.parametrize("debug", [
+    {"debug.fail_stage": "iter1", "debug.fail_after_steps": 2},
+    {"debug.fail_stage": "iter0", "debug.fail_after_steps": 3},
+    {"debug.fail_stage": "pseudo0", "debug.fail_after_chunks": 1},
+])
+def test_resume_after_failure_gives_same_metrics(stores, reference, tmp_path, debug):
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _run(stores, out, **debug)
+    _run(stores, out)  # the same command again, without the failure
+    assert _final(out) == _final(reference[0])
+    from safetensors.numpy import load_file
+    a, b = (load_file(Path(d) / "iter1" / "checkpoint" / "model.safetensors") for d in (out, reference[0]))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)  # bit-identical student
+
+
+def test_clear_errors(stores, tmp_path):
+    with pytest.raises(ValueError, match="has no labels"):
+        _run(stores, tmp_path / "x", **{"data.labeled_store": str(stores / "unl")})
+    with StoreWriter(tmp_path / "empty", image_size=32) as w:
+        w.commit_unit("nothing")
+    with pytest.raises(ValueError, match="is empty"):
+        _run(stores, tmp_path / "y", **{"data.unlabeled_store": str(tmp_path / "empty")})
+    with pytest.raises(KeyError, match="not columns"):
+        _run(stores, tmp_path / "z", **{"data.labels": "[a, zz]"})
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args, recipe, overrides, env):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *args, str(ROOT / "dompre" / "noisy_student.py"),
+           str(recipe), *overrides]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _resume_copy(reference, tmp_path, name):
+    out = tmp_path / name
+    shutil.copytree(reference[0], out)
+    for p in ["iter0/pseudo", "iter1", "metrics.csv", "metrics.md", "metrics.png"]:
+        shutil.rmtree(out / p, ignore_errors=True) if (out / p).is_dir() else (out / p).unlink(missing_ok=True)
+    return out
+
+
+def _same_pseudo(a, b):
+    files = sorted(p.name for p in (a / "iter0" / "pseudo").glob("*.npy"))
+    assert files == sorted(p.name for p in (b / "iter0" / "pseudo").glob("*.npy")) and files
+    for f in files:
+        np.testing.assert_array_equal(np.load(a / "iter0" / "pseudo" / f), np.load(b / "iter0" / "pseudo" / f))
+
+
+@pytest.mark.parametrize("layout", ["two_processes", "two_machines"])
+def test_multiprocess_pseudo_labels_match_one_process(stores, reference, tmp_path, layout):
+    """The teacher from the 1-process run labels the store again with 2 processes: identical shards."""
+    out = _resume_copy(reference, tmp_path, layout)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    ov = _overrides(stores, out)
+    base = ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    if layout == "two_processes":
+        procs = [_launch(["--multi_gpu", "--num_processes", "2", "--main_process_port", str(_free_port()), *base],
+                         out / "recipe.yaml", ov, env)]
+    else:
+        port = str(_free_port())
+        procs = [_launch(["--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(r),
+                          "--main_process_ip", "127.0.0.1", "--main_process_port", port, *base], out / "recipe.yaml", ov, env)
+                 for r in range(2)]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(x[-3000:] for x in logs)
+    _same_pseudo(reference[0], out)
+    assert (out / "iter1" / "metrics.json").is_file() and (out / "metrics.md").is_file()
