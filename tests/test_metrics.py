@@ -125,3 +125,21 @@ def test_classification_report_string_labels_without_scores():
     assert math.isnan(r["auc"])
     with pytest.raises(ValueError, match="y_score"):
         classification_report([0, 1], [0, 1], np.zeros((2, 3)), labels=[0, 1])
+
+
+def test_lesanet_eval_empty_set_and_vectorised_matches_per_label_sklearn():
+    res = lesanet_eval(np.zeros((0, 3)), np.zeros((0, 3)), 0.5)
+    assert res["n_labels"] == 0 and math.isnan(res["auc"])
+    np.testing.assert_array_equal(choose_thresholds(np.zeros((0, 2)), np.zeros((0, 2))), [1.0, 1.0])
+    from sklearn.metrics import f1_score, roc_auc_score
+    rng = np.random.default_rng(0)
+    y = (rng.random((60, 5)) < 0.3).astype(float)
+    y[rng.random((60, 5)) < 0.1] = np.nan
+    y[:, 0] = np.where(np.isnan(y[:, 0]), 0, y[:, 0])  # one label without uncertain elements, batched AUC path
+    y[:, 1] = y[:, 0]
+    s = np.clip(np.nan_to_num(y) * 0.4 + rng.random((60, 5)) * 0.6, 0, 1)
+    res = lesanet_eval(s, y, 0.5)
+    for j in range(5):
+        m = ~np.isnan(y[:, j])
+        assert res["per_label"].loc[j, "auc"] == pytest.approx(roc_auc_score(y[m, j], s[m, j]))
+        assert res["per_label"].loc[j, "f1"] == pytest.approx(f1_score(y[m, j], s[m, j] >= 0.5))

@@ -37,13 +37,23 @@ def _check_multilabel(scores: np.ndarray, labels: np.ndarray, what: str) -> tupl
     return scores, labels
 
 
-def _label_column(labels: np.ndarray, j: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Certain elements of column j as (mask, bool targets), or None if it lacks positives or negatives."""
-    mask = ~np.isnan(labels[:, j])
-    y = labels[mask, j] == 1
-    if not y.any() or y.all():
-        return None
-    return mask, y
+def _evaluable(labels: np.ndarray) -> np.ndarray:
+    """(L,) bool: labels with at least one certain positive and one certain negative."""
+    return ((labels == 1).any(axis=0)) & ((labels == 0).any(axis=0))
+
+
+def _per_label_auc(y: np.ndarray, certain: np.ndarray, scores: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """ROC AUC of each column in ``cols`` over its certain rows (NaN elsewhere)."""
+    auc = np.full(y.shape[1], np.nan)
+    full = np.array([c for c in cols if certain[:, c].all()], dtype=np.int64)
+    if len(full) > 1:  # one sklearn call for every label without uncertain elements
+        auc[full] = skm.roc_auc_score(y[:, full], scores[:, full], average=None)
+    else:
+        full = np.empty(0, np.int64)
+    for c in np.setdiff1d(cols, full):
+        m = certain[:, c]
+        auc[c] = skm.roc_auc_score(y[m, c], scores[m, c])
+    return auc
 
 
 def choose_thresholds(val_scores: np.ndarray, val_labels: np.ndarray,
@@ -60,17 +70,14 @@ def choose_thresholds(val_scores: np.ndarray, val_labels: np.ndarray,
         no negative on the validation set).
     """
     scores, labels = _check_multilabel(val_scores, val_labels, "choose_thresholds")
-    out = np.ones(scores.shape[1])
-    for j in range(scores.shape[1]):
-        col = _label_column(labels, j)
-        if col is None:
-            continue
-        mask, y = col
-        best = 0.0
-        for th in grid:
-            f1 = skm.f1_score(y, scores[mask, j] >= th, zero_division=0.0)
-            if f1 > best:
-                best, out[j] = f1, float(th)
+    y, certain = labels == 1, ~np.isnan(labels)
+    ok = _evaluable(labels)
+    out, best = np.ones(scores.shape[1]), np.zeros(scores.shape[1])
+    for th in (grid if ok.any() else ()):
+        # an uncertain element counts as (target 0, prediction 0): a true negative, which F1 ignores
+        f1 = skm.f1_score(y, (scores >= th) & certain, average=None, zero_division=0.0)
+        better = ok & (f1 > best)
+        best[better], out[better] = f1[better], float(th)
     return out
 
 
@@ -109,8 +116,8 @@ def lesanet_eval(scores: np.ndarray, labels: np.ndarray, thresholds: np.ndarray 
         label_names: names for the rows of the per-label table (default: ``0..L-1``).
 
     Returns:
-        dict with ``per_label`` (DataFrame: n_pos, n_neg, threshold, auc, f1, precision, recall; NaN rows for
-        labels with no positive or no negative), the means over evaluated labels ``auc``, ``f1``,
+        dict with ``per_label`` (DataFrame: n_pos, n_neg (certain elements), threshold, auc, f1, precision,
+        recall; NaN metrics for labels with no positive or no negative), the means over evaluated labels ``auc``, ``f1``,
         ``precision``, ``recall``, ``n_labels`` (labels evaluated) and ``pred`` (bool (n, L) predictions
         after parent expansion).
     """
@@ -123,25 +130,20 @@ def lesanet_eval(scores: np.ndarray, labels: np.ndarray, thresholds: np.ndarray 
     names = list(label_names) if label_names is not None else list(range(n_labels))
     if len(names) != n_labels:
         raise ValueError(f"lesanet_eval: {len(names)} label names for {n_labels} label columns")
-    rows = []
-    for j in range(n_labels):
-        col = _label_column(labels, j)
-        row = {"n_pos": 0, "n_neg": 0, "threshold": ths[j], "auc": np.nan, "f1": np.nan,
-               "precision": np.nan, "recall": np.nan}
-        if col is not None:
-            mask, y = col
-            p = pred[mask, j]
-            row.update(n_pos=int(y.sum()), n_neg=int((~y).sum()),
-                       auc=skm.roc_auc_score(y, scores[mask, j]),
-                       f1=skm.f1_score(y, p, zero_division=0.0),
-                       precision=skm.precision_score(y, p, zero_division=1.0),
-                       recall=skm.recall_score(y, p, zero_division=0.0))
-        rows.append(row)
-    table = pd.DataFrame(rows, index=pd.Index(names, name="label"))
-    done = table["auc"].notna()
-    mean = (lambda c: float(table.loc[done, c].mean()) if done.any() else float("nan"))
+    y, certain = labels == 1, ~np.isnan(labels)
+    ok = _evaluable(labels)
+    p = pred & certain  # uncertain elements become true negatives, which precision/recall/F1 ignore
+    cols = {k: np.full(n_labels, np.nan) for k in ("auc", "f1", "precision", "recall")}
+    if ok.any():
+        cols["auc"] = _per_label_auc(y, certain, scores, np.flatnonzero(ok))
+        for k, fn, zero in (("f1", skm.f1_score, 0.0), ("precision", skm.precision_score, 1.0),
+                            ("recall", skm.recall_score, 0.0)):
+            cols[k] = np.where(ok, fn(y, p, average=None, zero_division=zero), np.nan)
+    table = pd.DataFrame({"n_pos": (y & certain).sum(0), "n_neg": (~y & certain).sum(0), "threshold": ths,
+                          **cols}, index=pd.Index(names, name="label"))
+    mean = (lambda c: float(table.loc[ok, c].mean()) if ok.any() else float("nan"))
     return {"per_label": table, "auc": mean("auc"), "f1": mean("f1"), "precision": mean("precision"),
-            "recall": mean("recall"), "n_labels": int(done.sum()), "pred": pred}
+            "recall": mean("recall"), "n_labels": int(ok.sum()), "pred": pred}
 
 
 def classification_report(y_true: Sequence, y_pred: Sequence, y_score: np.ndarray | None = None,
