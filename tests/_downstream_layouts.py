@@ -98,4 +98,8 @@ def make_deeplesion(root: Path, n: int = 12, size: int = 64) -> Path:
         labels[f"{s}_relevant_labels"] = [[0, 2] if i % 2 else [1, 3, 3] for i in ids]
         labels[f"{s}_uncertain_labels"] = [[4] if i == 0 else [] for i in ids]
     (root / "labels.json").write_text(json.dumps(labels))
+    (root / "ontology.csv").write_text(
+        "id,class,term,synonyms,num_detected,term_exclusive,term_parents,term_children\n"
+        "1,bodypart,chest,,5,abdomen,,lung\n2,bodypart,abdomen,,5,chest,,liver\n3,bodypart,lung,,5,,chest,\n"
+        "4,bodypart,liver,,5,,abdomen,\n5,type,nodule,,5,,,\n")
     return root

@@ -86,7 +86,8 @@ def test_chestxray14_pneumonia_lesanet_recipes_run(tmp_path):
     pn = run_finetune(_recipe("pneumonia", make_pneumonia(tmp_path / "pn"), tmp_path / "r2"))
     assert pn["n"]["test"] == 6 and pn["skipped"] == 0
     dl = make_deeplesion(tmp_path / "dl")
-    les = run_finetune(_recipe("lesanet", dl, tmp_path / "r3", f"data.labels_json={dl / 'labels.json'}"))
+    les = run_finetune(_recipe("lesanet", dl, tmp_path / "r3", f"data.labels_json={dl / 'labels.json'}",
+                               f"data.ontology={dl / 'ontology.csv'}"))
     assert les["task"] == "multilabel" and les["n"] == {"train": 6, "val": 3, "test": 3}
     table = pd.read_csv(tmp_path / "r3" / "per_label.csv")
     assert table["label"].tolist() == ["chest", "abdomen", "lung", "liver", "nodule"]

@@ -51,6 +51,8 @@ class DataConfig:
     root: str = field(default="data/kvasir", metadata=PATH)  # dataset folder (see dompre.data.downstream)
     labels_json: str | None = field(default=None, metadata=PATH)  # lesanet: text_mined_labels_171_and_split.json
     terms: tuple[str, ...] = ()  # lesanet: label subset (empty = the whole term list)
+    ontology: str | None = field(default=None, metadata=PATH)  # lesanet: ontology xlsx/csv; predictions expand
+    #                                                              to parents before scoring (LesaNet protocol)
     image_size: int = 224  # input side in pixels (LesaNet: 120)
     channels: int = 3  # 3 = grayscale repeated; 1 = model built with in_chans=1 (timm adapts the first conv)
     val_fraction: float = 0.1  # share carved for val when the dataset has no (or a tiny) val split
@@ -504,7 +506,11 @@ def run_finetune(recipe: FinetuneRecipe, out_dir: str | Path | None = None) -> d
                 sd = {n: t.detach().cpu().contiguous() for n, t in accelerator.unwrap_model(r["model"]).state_dict().items()}
                 save_file(sd, str(out / f"model_{m}.safetensors.tmp"))
                 os.replace(out / f"model_{m}.safetensors.tmp", out / f"model_{m}.safetensors")
-    ev = evaluate(ds.task, val, test, ds.label_names)
+    parents = None
+    if recipe.data.ontology and ds.task == "multilabel":
+        from dompre.data.deeplesion import load_ontology
+        parents = load_ontology(recipe.data.ontology).parent_indices(ds.label_names)
+    ev = evaluate(ds.task, val, test, ds.label_names, parents=parents)
     n_test = len(test["scores"])
     result = {"task": ds.task, "dataset": recipe.data.kind, "label_names": ds.label_names,
               "n": {s: int(len(v)) for s, v in splits.items()}, "skipped": len(ds.skipped),
