@@ -14,14 +14,39 @@ from dompre.recipes import RecipeError
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="write the built-in synthetic CT cohort (real DICOM / DeepLesion layout)")
-    p.set_defaults(func=_not_yet("synth"))
+    p.add_argument("out_dir", help="cohort folder (dicom/, deeplesion/, truth/, cohort.json)")
+    p.add_argument("--patients", type=int, default=10, help="number of phantom patients (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="the cohort is a pure function of the seed (default 0)")
+    p.add_argument("--layout", choices=["both", "dicom", "deeplesion"], default="both",
+                   help="both: labeled share as DeepLesion PNG + labels, the rest as DICOM (default)")
+    p.add_argument("--labeled-fraction", type=float, default=0.25, help="labeled share for --layout both")
+    p.add_argument("--quirk-rate", type=float, default=0.1,
+                   help="per DICOM series: unsigned storage, shuffled InstanceNumber, scout in the folder")
+    p.add_argument("--lesions", action=argparse.BooleanOptionalAction, default=True, help="paint lesions")
+    p.add_argument("--matrix", type=int, default=256, help="image size in pixels (default 256; 512 works)")
+    p.add_argument("--max-slices", type=int, default=200, help="keep each series within about this many slices")
+    p.add_argument("--preview", action="store_true", help="also save OUT_DIR/preview.png (a montage per region)")
+    p.add_argument("--overwrite", action="store_true", help="write into a folder that holds a finished cohort")
+    p.set_defaults(func=_run_synth)
 
 
-def _not_yet(name: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"dompre {name}: not implemented in this version", file=sys.stderr)
-        return 2
-    return run
+def _run_synth(args: argparse.Namespace) -> int:
+    import time
+
+    from dompre.data.synthetic import generate_cohort
+
+    t0 = time.perf_counter()
+    meta = generate_cohort(args.out_dir, patients=args.patients, seed=args.seed, layout=args.layout,
+                           labeled_fraction=args.labeled_fraction, quirk_rate=args.quirk_rate,
+                           lesions=args.lesions, matrix=args.matrix, max_slices=args.max_slices,
+                           preview=args.preview,
+                           overwrite=args.overwrite)
+    c = meta["counts"]
+    print(f"dompre synth: {args.patients} patients -> {args.out_dir}: {c['dicom_series']} DICOM series, "
+          f"{c['deeplesion_series']} DeepLesion series ({c['dl_lesions']} labeled lesions), {c['slices']} slices, "
+          f"{c['lesions']} lesions, quirks {c['quirks']}"
+          + (", preview.png" if args.preview else "") + f" in {time.perf_counter() - t0:.1f} s")
+    return 0
 
 
 def _add_explain(sub: argparse._SubParsersAction) -> None:
@@ -51,7 +76,7 @@ def _run_explain(args: argparse.Namespace) -> int:
                                              args.method, args.out, label=args.label, layer=args.layer,
                                              n_steps=args.steps, view=args.view)
     for r in results:
-        delta = f"  (IG completeness error {r.ig_delta:.2g})" if r.ig_delta is not None else ""
+        delta = f"  (IG completeness error {100 * r.ig_delta:.2g}%)" if r.ig_delta is not None else ""
         print(f"{r.name}: explained '{r.target}' ({r.confidence:.3f}) -> {r.png}{delta}")
         if r.table is not None:
             print(f"  perturbation study -> {r.perturb_png}, {r.table_csv}")

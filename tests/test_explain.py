@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
-
 import numpy as np
 import pytest
 import torch
@@ -136,12 +133,16 @@ def test_explain_items_writes_readable_pngs(pm, tmp_path, method):
     x = images(2)
     items = [InputItem("a/0", x[0], np.array([1, 0, np.nan, 0], np.float32), (4, 4, 12, 12)),
              InputItem("b", x[1])]
-    results, montage, skipped = explain_items(pm, items, NAMES, method, tmp_path, n_steps=8)
-    assert not skipped and len(results) == 2 and montage is not None
+    n = 2 if method == "ig" else 1  # figures dominate the time: one montage is enough
+    results, montage, skipped = explain_items(pm, items[:n], NAMES, method, tmp_path, n_steps=8)
+    assert not skipped and len(results) == n and (montage is not None) == (n > 1)
     for r in results:
         w, h = _readable_png(r.png)
         assert w > 200 and h > 100
-    _readable_png(montage)
+    if montage:
+        _readable_png(montage)
+    if method in ("ig", "perturb"):
+        assert all(0 <= r.ig_delta < 0.1 for r in results)  # relative completeness error of the 8-step IG
     if method == "perturb":
         table = results[0].table
         assert list(table.columns)[:3] == ["original", "inpaint ROI", "black ROI"]
@@ -170,7 +171,8 @@ def _export_folder(tmp_path):
     from timm.models import save_for_hf
 
     model = timm.create_model("test_efficientnet", num_classes=len(NAMES)).eval()
-    save_for_hf(model, tmp_path / "export", model_config={"label_names": NAMES}, safe_serialization=True)
+    save_for_hf(model, tmp_path / "export", safe_serialization=True,
+                model_config={"label_names": NAMES, "pretrained_cfg": {"input_size": [3, 48, 48]}})
     return model, tmp_path / "export"
 
 
@@ -185,26 +187,15 @@ def test_load_model_from_export_folder(tmp_path):
         load_model(tmp_path)
 
 
-def test_parse_inputs_images_store_items_and_bad_specs(tmp_path, monkeypatch):
+def test_parse_inputs_images_store_items_and_bad_specs(tmp_path):
+    from dompre.data.store import StoreWriter
+
     Image.fromarray(np.full((40, 50), 7, np.uint8)).save(tmp_path / "gray.png")
     Image.fromarray(np.zeros((40, 50), np.uint16)).save(tmp_path / "hu16.png")
-
-    class FakeStore:  # local stand-in for engineer B's SliceStore, same reader contract
-        def __init__(self, path):
-            import pandas as pd
-            self.label_names = ["lung", "liver", "extra"]
-            self.labels = np.array([[1, 0, 1], [np.nan, np.nan, np.nan]], np.float32)
-            self.meta = pd.DataFrame({"bbox": [(1.0, 2.0, 9.0, 12.0), ()]})
-            self._img = images(2, 16, 16)
-
-        def __len__(self):
-            return 2
-
-        def __getitem__(self, i):
-            return self._img[i]
-
-    (tmp_path / "store").mkdir()
-    monkeypatch.setitem(sys.modules, "dompre.data.store", types.SimpleNamespace(SliceStore=FakeStore))
+    with StoreWriter(tmp_path / "store", image_size=16, label_names=["lung", "liver", "extra"]) as w:
+        w.add(images(1, 16, 16)[0], meta={"bbox": (1.0, 2.0, 9.0, 12.0)}, labels=np.array([1, 0, 1]))
+        w.add(images(1, 16, 16, seed=1)[0])
+        w.commit_unit("u0")
     specs = [str(tmp_path / "gray.png"), str(tmp_path / "hu16.png"), f"{tmp_path / 'store'}:0,1,5",
              str(tmp_path / "missing.png")]
     items, skipped = parse_inputs(specs, NAMES, input_size=(24, 24))
@@ -223,14 +214,13 @@ def test_cli_explain_end_to_end_on_export(tmp_path, capsys):
 
     _, folder = _export_folder(tmp_path)
     Image.fromarray(images(1, 40, 40)[0].transpose(1, 2, 0)).save(tmp_path / "x.png")
-    Image.fromarray(images(1, 40, 40, seed=3)[0].transpose(1, 2, 0)).save(tmp_path / "y.jpg")
-    rc = main(["explain", str(folder), str(tmp_path / "x.png"), str(tmp_path / "y.jpg"), str(tmp_path / "no.png"),
+    rc = main(["explain", str(folder), str(tmp_path / "x.png"), str(tmp_path / "no.png"),
                "--method", "perturb", "--out", str(tmp_path / "out"), "--steps", "8", "--view", "rgb"])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert "explained 2 input(s), skipped 1" in out and "no.png" in err and "new top-1" in out
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
-        "montage_ig.png", "x.png_ig.png", "x.png_perturb.png", "y.jpg_ig.png", "y.jpg_perturb.png"]
+    assert "explained 1 input(s), skipped 1" in out and "no.png" in err and "new top-1" in out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.png_ig.png", "x.png_perturb.csv",
+                                                                    "x.png_perturb.png"]
     rc = main(["explain", str(folder), str(tmp_path / "x.png"), "--method", "gradcam", "--layer", "bogus",
                "--out", str(tmp_path / "out2")])
     assert rc == 2 and "bogus" in capsys.readouterr().err
@@ -244,7 +234,7 @@ def test_cli_explain_end_to_end_on_checkpoint(tmp_path, capsys):
 
     model = timm.create_model("test_efficientnet", num_classes=len(NAMES))
     export.save_checkpoint(model, tmp_path / "ckpt", arch="test_efficientnet", label_names=NAMES,
-                           model_kwargs={"num_classes": len(NAMES)})
+                           info={"input_size": [3, 32, 32]})
     Image.fromarray(images(1, 40, 40)[0].transpose(1, 2, 0)).save(tmp_path / "x.png")
     rc = main(["explain", str(tmp_path / "ckpt"), str(tmp_path / "x.png"), "--method", "occlusion",
                "--label", "kidney", "--out", str(tmp_path / "out")])

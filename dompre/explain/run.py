@@ -31,7 +31,7 @@ class Explained:
     target: str  # label explained
     confidence: float  # its confidence
     png: Path  # the input's figure
-    ig_delta: float | None = None  # IG convergence delta (completeness error) when IG ran
+    ig_delta: float | None = None  # IG completeness error |sum(attr) - (f(x) - f(0))| / |f(x) - f(0)|
     table: pd.DataFrame | None = None  # perturbation study: top-5 confidences per variant
     table_csv: Path | None = None
     perturb_png: Path | None = None
@@ -69,7 +69,8 @@ def _attribute(pm: A.PixelModel, x, t: int, method: str, layer: str | None,
     if method == "occlusion":
         return A.attribution_map(A.occlusion(pm, x, t))[0], None
     attr, delta = A.integrated_gradients(pm, x, t, n_steps=n_steps)
-    return A.attribution_map(attr)[0], float(delta.abs().max())
+    gap = float(attr.sum() - delta.sum())  # captum's delta = sum(attr) - (f(x) - f(baseline))
+    return A.attribution_map(attr)[0], float(delta.abs().sum()) / max(abs(gap), 1e-12)
 
 
 def explain_one(pm: A.PixelModel, item: InputItem, label_names: Sequence[str], method: Method, out_dir: Path, *,
