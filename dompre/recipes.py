@@ -7,7 +7,8 @@ Command-line overrides ``section.key=value`` are parsed as YAML scalars and chec
 :func:`save_recipe` writes the resolved recipe next to a run's outputs.
 
 Path fields are marked with ``field(metadata=PATH)`` (or ``PATH_MUST_EXIST``); relative paths are
-resolved against the recipe file's folder, so a recipe can be run from anywhere.
+resolved against the recipe file's folder, so a recipe can be run from anywhere. An empty string or null
+means "not set" and is left as it is.
 """
 from __future__ import annotations
 
@@ -121,7 +122,7 @@ def _resolve_paths(obj: Any, base: Path, where: str = "") -> Any:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         key = f"{where}.{f.name}" if where else f.name
-        if f.metadata.get("path") and isinstance(value, str):
+        if f.metadata.get("path") and isinstance(value, str) and value != "":
             p = Path(value).expanduser()
             p = p if p.is_absolute() else (base / p)
             if f.metadata.get("must_exist") and not p.exists():

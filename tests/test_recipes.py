@@ -84,6 +84,8 @@ def test_missing_path_is_an_error(tmp_path):
     (tmp_path / "labels.json").write_text("{}")
     r = load_recipe(_write(tmp_path, {"data": {"labels": "labels.json"}}), Recipe)
     assert r.data.labels == str((tmp_path / "labels.json").resolve())
+    # empty means "not set": it must not resolve to the recipe's folder and pass the existence check
+    assert load_recipe(_write(tmp_path, {"data": {"labels": ""}}), Recipe).data.labels == ""
 
 
 def test_missing_recipe_file(tmp_path):
