@@ -24,7 +24,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
                    help="per DICOM series: unsigned storage, shuffled InstanceNumber, scout in the folder")
     p.add_argument("--lesions", action=argparse.BooleanOptionalAction, default=True, help="paint lesions")
     p.add_argument("--matrix", type=int, default=256, help="image size in pixels (default 256; 512 works)")
-    p.add_argument("--max-slices", type=int, default=200, help="keep each series within about this many slices")
+    p.add_argument("--max-slices", type=int, default=240, help="keep each series within about this many slices")
     p.add_argument("--preview", action="store_true", help="also save OUT_DIR/preview.png (a montage per region)")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that holds a finished cohort")
     p.set_defaults(func=_run_synth)

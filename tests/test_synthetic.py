@@ -127,3 +127,151 @@ def test_stored_values_bits_and_errors(tmp_path):
     assert v.tolist() == [0, 4095] and icpt == -1024.0 and bits == 12
     with pytest.raises(ValueError, match="shape"):
         write_dicom_series(tmp_path, np.zeros((8, 8)))
+
+
+# ------------------------------------------------------------------------------------------ phantom + cohort
+import csv  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from dompre.data.phantom import (  # noqa: E402
+    ANCESTORS,
+    BODY_TERMS,
+    PatientParams,
+    make_phantom,
+    sample_patient,
+)
+from dompre.data.synthetic import DL_COLUMNS, generate_cohort  # noqa: E402
+from dompre.data.synthetic_terms import TERMS  # noqa: E402
+
+REAL_LABELS = Path(__file__).resolve().parents[2] / "shared/data/lesanet/text_mined_labels_171_and_split.json"
+REGIONS = {"neck", "chest", "abdomen", "pelvis", "thigh"}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cohort")
+    meta = generate_cohort(out, patients=4, seed=3, labeled_fraction=0.5, quirk_rate=1.0, matrix=48,
+                           max_slices=40, preview=True, progress=False)
+    return out, meta
+
+
+def _slice_at(ph, z):
+    return int(np.argmin(np.abs(ph.body_z - z)))
+
+
+def test_labels_agree_with_the_anatomy_at_known_slices():
+    ph = make_phantom(PatientParams(seed=5, coverage="whole-body", thickness=5.0, pixel=6.5, matrix=64, noise=5))
+    body = lambda k: ph.hu[k] > -960  # noqa: E731
+    lung_share = lambda k: float(((ph.hu[k] < -600) & (ph.hu[k] > -950)).sum()) / max(1, body(k).sum())  # noqa: E731
+    chest, head, abd, pelvis, thigh = (_slice_at(ph, z) for z in (420, 100, 570, 880, 1000))
+    assert {"chest", "lung", "right lung", "left lung", "mediastinum", "thoracic spine"} <= set(ph.labels[chest])
+    assert "lung" not in ph.labels[head] and "bone" in ph.labels[head]
+    assert {"abdomen", "liver", "upper abdomen"} <= set(ph.labels[abd]) and "lung" not in ph.labels[abd]
+    assert {"pelvis", "urinary bladder", "pelvic bone"} <= set(ph.labels[pelvis])
+    assert {"thigh", "femur", "extremity"} <= set(ph.labels[thigh]) and "pelvis" not in ph.labels[thigh]
+    assert lung_share(chest) > 0.3 and lung_share(abd) < 0.1  # the label is visible in the pixels
+    for labels in ph.labels:
+        assert len(REGIONS & set(labels)) <= 1 and set(labels) <= set(BODY_TERMS)
+        for t in labels:
+            assert set(ANCESTORS[t]) & set(BODY_TERMS) <= set(labels), t
+
+
+def test_phantom_is_deterministic_and_patients_differ():
+    p = sample_patient(np.random.default_rng(0), matrix=32, coverage="chest", max_slices=30)
+    a, b = make_phantom(p), make_phantom(p)
+    assert len(a.hu) <= 30
+    np.testing.assert_array_equal(a.hu, b.hu)
+    assert a.labels == b.labels and a.boxes == b.boxes
+    q = sample_patient(np.random.default_rng(1), matrix=32, coverage="chest")
+    assert q != p
+    assert all(1.0 <= sample_patient(np.random.default_rng(i)).thickness <= 5.0 for i in range(20))
+    with pytest.raises(ValueError, match="coverage"):
+        sample_patient(np.random.default_rng(0), coverage="foot")
+
+
+def test_cohort_dicom_series_read_back_with_the_rendered_hu(cohort):
+    out, meta = cohort
+    dicom = [s for s in meta["series"] if s["layout"] == "dicom"]
+    assert dicom and meta["counts"]["quirks"]["scout"] == len(dicom)  # quirk rate 1: every series has a scout
+    for s in dicom:
+        i = int(s["patient_id"][3:])
+        ph = make_phantom(sample_patient(np.random.default_rng([3, i]), matrix=48, max_slices=40))
+        exp = _expected(ph.hu, "unsigned" in s["quirks"])
+        folder = next((out / "dicom" / s["patient_id"]).glob(f"*/{s['series_uid']}"))
+        files = sorted(folder.glob("IM*.dcm"))
+        assert len(files) == s["slices"] and (folder / "SC0001.dcm").exists()
+        np.testing.assert_array_equal(np.stack([_pydicom_hu(f) for f in files]), exp)
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), s["series_uid"]))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(reader.Execute()), exp)
+
+
+def test_cohort_deeplesion_layout_round_trips(cohort):
+    from PIL import Image
+
+    out, meta = cohort
+    dl = out / "deeplesion"
+    with open(dl / "DL_info.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == DL_COLUMNS and len(rows) - 1 == meta["counts"]["dl_lesions"] > 0
+    folders = {s["folder"]: s for s in meta["series"] if s["layout"] == "deeplesion"}
+    for row in rows[1:]:
+        assert len(row) == 18
+        box = [float(v) for v in row[6].split(",")]
+        assert len(box) == 4 and len(row[5].split(",")) == 8 and 1 <= int(row[9]) <= 8
+        assert row[17] in {"1", "2", "3"} and [float(v) for v in row[12].split(",")][2] > 0
+        folder, key = row[0].rsplit("_", 1)
+        s = folders[folder]
+        ph = make_phantom(sample_patient(np.random.default_rng([3, int(s["patient_id"][3:])]), matrix=48,
+                                          max_slices=40))
+        k = int(row[4]) - 1
+        img = np.asarray(Image.open(dl / "Images_png" / folder / key), dtype=np.int32)
+        np.testing.assert_array_equal(img - 32768, np.rint(ph.hu[k]))
+        assert 1 <= box[0] <= box[2] <= 48 and 1 <= box[1] <= box[3] <= 48
+    labels = json.loads((dl / "text_mined_labels_171_and_split.json").read_text())
+    n = len(rows) - 1
+    idx = labels["train_lesion_idxs"] + labels["val_lesion_idxs"] + labels["test_lesion_idxs"]
+    assert sorted(idx) == list(range(n))
+    terms = labels["term_list"]
+    if REAL_LABELS.exists():
+        assert set(terms) <= set(json.loads(REAL_LABELS.read_text())["term_list"])
+    for split in ("train", "val", "test"):
+        rel = labels[f"{split}_relevant_labels"]
+        assert len(rel) == len(labels[f"{split}_lesion_idxs"]) == len(labels[f"{split}_uncertain_labels"])
+        assert all(0 <= j < len(terms) for r in rel for j in r) and all(r for r in rel)
+    with open(dl / "lesion_ontology.csv", newline="") as f:
+        onto = list(csv.DictReader(f))
+    assert list(onto[0]) == ["id", "class", "term", "synonyms", "num_detected", "term_exclusive", "term_parents",
+                             "term_children"]
+    assert {r["term"] for r in onto} == set(terms) and {r["class"] for r in onto} == {"bodypart", "type", "attribute"}
+    lung = next(r for r in onto if r["term"] == "right lung")
+    assert "left lung" in lung["term_exclusive"].split(" | ") and lung["term_parents"] == "chest | lung"
+    hand = json.loads((dl / "hand_labeled_test_set.json").read_text())
+    assert all(h["lesion_idx"] in labels["test_lesion_idxs"] and h["expanded_terms"] for h in hand)
+    with open(out / "truth" / "slices.csv", newline="") as f:
+        slices = list(csv.DictReader(f))
+    assert len(slices) == meta["counts"]["slices"] and (out / "preview.png").stat().st_size > 1000
+
+
+def test_cohort_is_byte_identical_for_a_seed(tmp_path):
+    kw = dict(patients=2, seed=9, labeled_fraction=0.5, quirk_rate=0.5, matrix=32, max_slices=30, progress=False)
+    generate_cohort(tmp_path / "a", **kw)
+    generate_cohort(tmp_path / "b", **kw)
+    fa = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    fb = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert fa == fb and len(fa) > 10 and not [p for p in fa if p.name.startswith(".")]
+    assert all((tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes() for p in fa)
+    with pytest.raises(ValueError, match="already holds a cohort"):
+        generate_cohort(tmp_path / "a", **kw)
+
+
+def test_cli_synth_prints_a_summary(tmp_path, capsys):
+    from dompre.cli import main
+
+    assert main(["synth", str(tmp_path / "c"), "--patients", "1", "--matrix", "32", "--layout", "deeplesion",
+                 "--no-lesions", "--max-slices", "20"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("dompre synth: 1 patients") and "1 DeepLesion series" in line
+    assert main(["synth", str(tmp_path / "d"), "--patients", "1", "--quirk-rate", "2"]) == 2
+    assert "quirk_rate must be in [0, 1]" in capsys.readouterr().err
