@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dompre.data.prep import (PrepConfig, crop_body, crop_box, make_stacks, prepare_volume, resample_z,
-                              resize_slices, window_hu)
+                              resize_slices, window_hu, window_hu_monai)
 
 
 def test_window_maps_and_clips():
@@ -15,6 +15,8 @@ def test_window_maps_and_clips():
     assert out.dtype == np.float32
     with pytest.raises(ValueError, match="high must exceed low"):
         window_hu(hu, (100, 100))
+    rnd = np.random.default_rng(0).uniform(-3000, 4000, (3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(window_hu(rnd, (-160, 240)), window_hu_monai(rnd, (-160, 240)), atol=1e-3)
 
 
 def body_with_table(z: int = 4) -> np.ndarray:

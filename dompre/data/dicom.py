@@ -273,30 +273,43 @@ def _decode_sitk(path: Path, ds: pydicom.Dataset) -> np.ndarray:
     return arr[0] if arr.ndim == 3 and arr.shape[0] == 1 else arr
 
 
-def _pixels(slices: list[_Slice]) -> np.ndarray:
-    """Stored values (z, y, x) of the ordered slices; pydicom first, SimpleITK where pydicom fails."""
-    cache: dict[Path, np.ndarray] = {}
-    planes = []
-    for s in slices:
-        arr = cache.get(s.file)
-        if arr is None:
-            try:
-                arr = s.ds.pixel_array
-            except Exception as e:  # noqa: BLE001 - any decoder failure falls back to GDCM
-                try:
-                    arr = _decode_sitk(s.file, s.ds)
-                except Exception as e2:  # noqa: BLE001
-                    raise SeriesError(f"pixel data cannot be decoded in {s.file.name} "
-                                      f"(pydicom: {type(e).__name__}: {e}; SimpleITK: {str(e2).strip()[:120]})"
-                                      ) from None
-                log.info("decoded %s with SimpleITK (pydicom: %s)", s.file, e)
-            cache[s.file] = arr
-        planes.append(arr[s.frame] if s.frame is not None and arr.ndim == 3 else arr)
-    shapes = Counter(p.shape for p in planes)
+def _decode(s: _Slice) -> np.ndarray:
+    """Stored values of one file: pydicom first, SimpleITK (GDCM) where pydicom fails on compressed data."""
+    try:
+        return s.ds.pixel_array
+    except Exception as e:  # noqa: BLE001 - any decoder failure falls back to GDCM
+        try:
+            arr = _decode_sitk(s.file, s.ds)
+        except Exception as e2:  # noqa: BLE001
+            raise SeriesError(f"pixel data cannot be decoded in {s.file.name} "
+                              f"(pydicom: {type(e).__name__}: {e}; SimpleITK: {str(e2).strip()[:120]})") from None
+        log.info("decoded %s with SimpleITK (pydicom: %s)", s.file, e)
+        return arr
+
+
+def _hu(slices: list[_Slice], slope: np.ndarray, inter: np.ndarray) -> np.ndarray:
+    """HU float32 (z, y, x) of the ordered slices, filled in place (one cast, no stacked copy)."""
+    hu: np.ndarray | None = None
+    shapes: Counter = Counter()
+    last: tuple[Path | None, np.ndarray | None] = (None, None)
+    for k, s in enumerate(slices):
+        arr = last[1] if last[0] == s.file else _decode(s)
+        last = (s.file, arr)
+        plane = arr[s.frame] if s.frame is not None and arr.ndim == 3 else arr
+        shapes[plane.shape] += 1
+        if hu is None:
+            hu = np.empty((len(slices),) + plane.shape, np.float32)
+        if plane.shape != hu.shape[1:]:
+            continue
+        hu[k] = plane
+        if slope[k] != 1:
+            hu[k] *= slope[k]
+        if inter[k] != 0:
+            hu[k] += inter[k]
     if len(shapes) > 1:
         raise SeriesError("mixed matrix sizes in one series: " +
                           ", ".join(f"{'x'.join(map(str, k))}: {n}" for k, n in shapes.most_common()))
-    return np.stack(planes)
+    return hu
 
 
 def _load(files: Sequence[Path]) -> list[_Slice]:
@@ -353,10 +366,7 @@ def read_series(path_or_files: str | Path | SeriesInfo | Sequence[str | Path]) -
     slices, z = _order(slices, notes)
     slices, z = _check_z(slices, z, notes)
     slope, inter = _rescale(slices, notes)
-    stored = _pixels(slices)
-    hu = stored.astype(np.float32)
-    hu *= slope[:, None, None]
-    hu += inter[:, None, None]
+    hu = _hu(slices, slope, inter)
     dz = float(np.median(np.diff(z))) if len(z) > 1 else 1.0
     px = slices[0].spacing
     if px is None:

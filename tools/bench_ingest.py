@@ -1,0 +1,154 @@
+"""Benchmark DICOM ingest against baselines measured in the same run; prints slices/s and ratios.
+
+Paths, all on the same synthetic 512x512 CT cohort (real DICOM files written by dompre.data.synthetic):
+  floor    pydicom.dcmread + pixel_array per file, nothing else (no pipeline can beat it)
+  plain    a per-file loop as a user would write it: read, sort by position, HU, window, PIL resize to 256
+  monai    LoadImage(PydicomReader) on each series folder + ScaleIntensityRange + CropForeground + Resize
+  dompre   `ingest_dicom` (header scan, grouping, ordering, HU, body crop, window, resize, 3-slice stacks,
+           sharded store with atomic commits), 1 and 2 workers, each in a fresh process for its peak RSS
+
+Peak memory: ingest of half the cohort vs the whole cohort (RSS should not grow with cohort size).
+Run: OMP_NUM_THREADS=1 .venv/bin/python tools/bench_ingest.py [--series 6 --slices 60]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CHILD = """
+import json, resource, sys, time
+from dompre.data.ingest import IngestRecipe, ingest_dicom
+from dompre.data.prep import PrepConfig
+recipe = IngestRecipe(prep=PrepConfig(min_slices=int(sys.argv[4])))
+t = time.perf_counter()
+s = ingest_dicom(sys.argv[1], sys.argv[2], workers=int(sys.argv[3]), recipe=recipe, progress=False)
+dt = time.perf_counter() - t
+ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"seconds": dt, "slices": s["slices"], "inputs": s["inputs"], "rss_mb": max(ru) / 1024}))
+"""
+
+
+def phantom(z: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Air, an elliptic body of soft tissue with a bright spine, and a table under it."""
+    yy, xx = np.mgrid[:n, :n] / n
+    body = ((yy - 0.45) / 0.33) ** 2 + ((xx - 0.5) / 0.42) ** 2 < 1
+    spine = ((yy - 0.62) / 0.05) ** 2 + ((xx - 0.5) / 0.05) ** 2 < 1
+    sl = np.where(body, 40.0, -1000.0) + np.where(spine, 700.0, 0.0)
+    sl[int(0.85 * n):int(0.87 * n), int(0.05 * n):int(0.95 * n)] = 200.0
+    vol = np.repeat(sl[None].astype(np.float32), z, axis=0)
+    return vol + rng.normal(0, 10, vol.shape).astype(np.float32)
+
+
+def build(root: Path, series: int, slices: int, size: int) -> list[Path]:
+    """One series written by dompre.data.synthetic, copied with new series UIDs (writing is the slow part)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+    from dompre.data.synthetic import write_dicom_series
+    rng = np.random.default_rng(0)
+    first = write_dicom_series(root / "a" / "s00", phantom(slices, size, rng), spacing=(2.5, 0.7, 0.7),
+                               patient_id="B000", rng=rng, shuffle_instance=True)
+    for i in range(1, series):
+        uid, folder = generate_uid(), root / ("a" if i < series // 2 else "b") / f"s{i:02d}"
+        folder.mkdir(parents=True)
+        for f in first:
+            ds = pydicom.dcmread(f)
+            ds.SeriesInstanceUID, ds.PatientID, ds.SOPInstanceUID = uid, f"B{i:03d}", generate_uid()
+            ds.save_as(folder / f.name)
+    return sorted(root.rglob("*.dcm"))
+
+
+def floor(files: list[Path]) -> int:
+    import pydicom
+    for f in files:
+        pydicom.dcmread(f).pixel_array
+    return len(files)
+
+
+def plain(root: Path) -> int:
+    import pydicom
+    from PIL import Image
+    n = 0
+    for folder in sorted({f.parent for f in root.rglob("*.dcm")}):
+        dss = [pydicom.dcmread(f) for f in sorted(folder.glob("*.dcm"))]
+        dss.sort(key=lambda d: float(d.ImagePositionPatient[2]))
+        for ds in dss:
+            hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+            u8 = ((np.clip(hu, -1024, 3071) + 1024) / 4095 * 255).astype(np.uint8)
+            np.asarray(Image.fromarray(u8).resize((256, 256), Image.BILINEAR))
+            n += 1
+    return n
+
+
+def monai_path(root: Path) -> int:
+    from monai.transforms import Compose, CropForeground, LoadImage, Resize, ScaleIntensityRange
+    load = LoadImage(reader="PydicomReader", image_only=True, ensure_channel_first=True)
+    tf = Compose([ScaleIntensityRange(-1024, 3071, 0, 255, clip=True),
+                  CropForeground(select_fn=lambda x: x > 0, margin=4, allow_smaller=True),
+                  Resize((256, 256, -1))])
+    n = 0
+    for folder in sorted({f.parent for f in root.rglob("*.dcm")}):
+        out = tf(load(str(folder)))
+        n += int(out.shape[-1])
+    return n
+
+
+def timed(fn, *args) -> tuple[float, int]:
+    t = time.perf_counter()
+    n = fn(*args)
+    return time.perf_counter() - t, n
+
+
+def ingest(src: Path, store: Path, workers: int, min_slices: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", CHILD, str(src), str(store), str(workers), str(min_slices)], env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--series", type=int, default=6)
+    ap.add_argument("--slices", type=int, default=60)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--skip-monai", action="store_true")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "cohort"
+        t = time.perf_counter()
+        files = build(root, a.series, a.slices, a.size)
+        print(f"cohort: {a.series} series x {a.slices} slices of {a.size}x{a.size} "
+              f"({len(files)} files) written in {time.perf_counter() - t:.1f}s; load {os.getloadavg()[0]:.1f}")
+        rates = {}
+        for name, fn, arg in [("floor (pydicom decode)", floor, files), ("plain loop (pydicom+PIL)", plain, root)] + (
+                [] if a.skip_monai else [("monai LoadImage+transforms", monai_path, root)]):
+            dt, n = timed(fn, arg)
+            rates[name] = n / dt
+            print(f"{name:30s} {n / dt:8.1f} slices/s  ({n} slices, {dt:.2f}s)")
+        for w in (1, 2):
+            r = ingest(root, Path(tmp) / f"store{w}", w, min(50, a.slices))
+            rates[f"dompre ingest, {w} worker(s)"] = r["slices"] / r["seconds"]
+            print(f"{'dompre ingest, %d worker(s)' % w:30s} {r['slices'] / r['seconds']:8.1f} slices/s  "
+                  f"({r['slices']} slices -> {r['inputs']} inputs, {r['seconds']:.2f}s, peak RSS {r['rss_mb']:.0f} MB)")
+        half = ingest(root / "a", Path(tmp) / "store-half", 1, min(50, a.slices))
+        full = rates["dompre ingest, 1 worker(s)"]
+        print(f"\npeak RSS, 1 worker: half cohort {half['rss_mb']:.0f} MB ({half['slices']} slices) vs whole "
+              f"cohort (above); load now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        base = rates["floor (pydicom decode)"]
+        print("\nratios:")
+        print(f"  dompre 1w / decode floor  = {full / base:.2f}   (goal >= 0.6)")
+        if not a.skip_monai:
+            print(f"  dompre 1w / monai         = {full / rates['monai LoadImage+transforms']:.2f}   (goal >= 3)")
+        print(f"  dompre 1w / plain loop    = {full / rates['plain loop (pydicom+PIL)']:.2f}")
+        print(f"  dompre 2w / dompre 1w     = {rates['dompre ingest, 2 worker(s)'] / full:.2f}   (linear = 2)")
+
+
+if __name__ == "__main__":
+    main()
