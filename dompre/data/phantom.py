@@ -603,7 +603,8 @@ def render_slice(anat: Anatomy, z: float, xs: np.ndarray, bg: np.ndarray, y_tabl
     area: dict[str, float] = {}
     px2 = float(xs[1] - xs[0]) ** 2
     for s in shapes:
-        harm = anat.var(s.name).harm if (s.label or s.name in ("body", "wall", "cavity")) else None
+        nested = s.name in ("body", "wall", "cavity", "skull", "brain")  # one outline: layers stay nested
+        harm = anat.var("body" if nested else s.name).harm if (s.label or nested) else None
         res = _paint(img, xs, place(s), harm, z)
         if res is not None and s.label:
             area[s.label] = area.get(s.label, 0.0) + float(res[0].sum()) * px2
