@@ -12,8 +12,10 @@ It works for any timm architecture. An *export* is a folder in timm's Hugging Fa
     import dompre, timm                      # `import dompre` only for MAKNet; not for resnet18 & co.
     model = timm.create_model("local-dir:OUT", pretrained=True)                  # same outputs as the checkpoint
     model = timm.create_model("local-dir:OUT", pretrained=True, num_classes=5)   # new head
-    model = timm.create_model("resnet18", pretrained=True, num_classes=N,
+    model = timm.create_model("resnet18", pretrained=True, num_classes=0,                 # backbone only
                               pretrained_cfg_overlay=dict(file="OUT/model.safetensors"))
+    model = timm.create_model("resnet18", pretrained=True, num_classes=N,                 # with the head
+                              pretrained_cfg_overlay=dict(file="OUT/model.safetensors", num_classes=N))
 
 timm's ``PretrainedCfg`` accepts only its own fields, so the CT conventions (HU window, three-slice channels) are
 written into ``pretrained_cfg.notes`` (strings) and, machine-readable, into a top-level ``"dompre"`` block of
