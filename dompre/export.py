@@ -70,7 +70,9 @@ def _to_json(obj: Any, what: str) -> str:
 def _unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside DDP (``.module``) / torch.compile (``._orig_mod``) wrappers."""
     while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "module", None)
         if not isinstance(inner, nn.Module):
             return model
         model = inner

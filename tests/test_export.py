@@ -59,6 +59,15 @@ def test_load_checkpoint_with_new_head_keeps_the_backbone(tmp_path):
     torch.testing.assert_close(loaded.spl.weight, torch.eye(3))
 
 
+def test_save_checkpoint_unwraps_ddp_style_wrappers(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("maknet_tiny", num_classes=2)
+    wrapper = torch.nn.Module()
+    wrapper.module = model  # what DistributedDataParallel / accelerate hand back
+    save_checkpoint(wrapper, tmp_path / "ck", arch="maknet_tiny", label_names=["a", "b"])
+    assert set(load_file(tmp_path / "ck" / "model.safetensors")) == set(model.state_dict())
+
+
 def test_save_checkpoint_rejects_bad_arguments(tmp_path):
     model = timm.create_model("maknet_tiny", num_classes=2)
     with pytest.raises(ValueError, match="2 label_names|num_classes=2"):

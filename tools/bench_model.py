@@ -1,7 +1,7 @@
 """Benchmark MAKNet against ResNet18, VGG16-BN and DenseNet121 in one run.
 
 Prints parameters, forward FLOPs (torch.utils.flop_counter), and training / inference images per second at
-3×256×256, with ratios to resnet18 measured in the same run. Models are measured round-robin and each figure is
+3×256×256, with ratios to resnet18 measured in the same run. Steps of all models are interleaved one by one and each figure is
 the fastest single step seen, so load from other users on a shared machine biases no model (rerun when in
 doubt). Example:
 
@@ -44,15 +44,15 @@ def count_flops(model: torch.nn.Module, size: int) -> float:
     return fc.get_total_flops()
 
 
-def throughput(model: torch.nn.Module, args: argparse.Namespace, device: torch.device, train: bool) -> float:
-    """Images per second of the fastest of ``args.steps`` timed steps (after ``args.warmup`` untimed ones)."""
+def make_step(model: torch.nn.Module, args: argparse.Namespace, device: torch.device, train: bool):
+    """A closure running one training (forward, backward, SGD step) or inference step on a fixed batch."""
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).to(memory_format=fmt)
     y = torch.randint(0, model.num_classes, (args.batch,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    model.train(train)
 
     def step() -> None:
+        model.train(train)
         with _autocast(args, device):
             if train:
                 opt.zero_grad(set_to_none=True)
@@ -61,17 +61,27 @@ def throughput(model: torch.nn.Module, args: argparse.Namespace, device: torch.d
             else:
                 with torch.no_grad():
                     model(x)
+    return step
 
-    for _ in range(args.warmup):
-        step()
-    best = float("inf")
-    for _ in range(args.steps):  # the fastest step: on a shared machine, load only ever adds time
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return args.batch / best
+
+def timed(step, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def interleaved_times(steps: dict, args: argparse.Namespace, device: torch.device) -> dict[str, list[float]]:
+    """Step times per key, models interleaved step by step so drifting machine load hits every model alike."""
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(args.steps):
+        for key, step in steps.items():
+            times[key].append(timed(step, device))
+    return times
 
 
 def create(name: str, num_classes: int) -> torch.nn.Module:
@@ -90,24 +100,25 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> torch.nn
 
 def profile(name: str, args: argparse.Namespace, device: torch.device) -> str:
     """torch.profiler table of one training step (after warm-up), sorted by self time."""
-    model = build(name, args, device)
-    throughput(model, argparse.Namespace(**{**vars(args), "steps": 1}), device, train=True)
+    step = make_step(build(name, args, device), args, device, train=True)
+    for _ in range(max(1, args.warmup)):
+        step()
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                      if device.type == "cuda" else [])
     with torch.profiler.profile(activities=acts) as prof:
-        throughput(model, argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 0}), device, train=True)
+        timed(step, device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=20)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="timm names (maknet+fused / maknet+split: all MAKConvs fused / split); resnet18 is the baseline")
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
+                   help="timm names (maknet+fused / maknet+split: all MAKConvs fused / split); resnet18 is the baseline")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per model and mode (interleaved; fastest counts)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=2, help="round-robin repeats; the best round counts")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--num-classes", type=int, default=115)
     p.add_argument("--channels-last", action="store_true")
@@ -124,21 +135,20 @@ def main() -> None:
             print(f"== {name}\n{profile(name, args, device)}")
         return
 
-    models, rows = {}, {}
+    steps, rows = {}, {}
     for name in args.models:
         model = build(name, args, device)
         flops = count_flops(create(name, args.num_classes), args.size)
-        params = sum(p.numel() for p in model.parameters())
-        models[name] = torch.compile(model) if args.compile else model
-        rows[name] = [name, params, flops, 0.0, 0.0]
-    # round-robin rounds, best of rounds: on a shared machine load drifts, so every model sees every period
-    for _ in range(args.rounds):
-        for name, run in models.items():
-            rows[name][3] = max(rows[name][3], throughput(run, args, device, train=True))
-            rows[name][4] = max(rows[name][4], throughput(run, args, device, train=False))
+        rows[name] = [name, sum(p.numel() for p in model.parameters()), flops, 0.0, 0.0]
+        run = torch.compile(model) if args.compile else model
+        steps[(name, True)] = make_step(run, args, device, train=True)
+        steps[(name, False)] = make_step(run, args, device, train=False)
+    times = interleaved_times(steps, args, device)
+    for (name, train), ts in times.items():  # the fastest step: load from other users only ever adds time
+        rows[name][3 if train else 4] = args.batch / min(ts)
     rows, base = list(rows.values()), rows["resnet18"]
     print(f"device={device} batch={args.batch} steps={args.steps} size={args.size} channels_last={args.channels_last}"
-          f" bf16={args.bf16} compile={args.compile} rounds={args.rounds} threads={torch.get_num_threads()}")
+          f" bf16={args.bf16} compile={args.compile} threads={torch.get_num_threads()}")
     print(f"{'model':<14}{'params':>12}{'GFLOPs':>9}{'train img/s':>13}{'infer img/s':>13}"
           f"{'params×':>9}{'train×':>8}{'infer×':>8}")
     for name, params, flops, tr, inf in rows:

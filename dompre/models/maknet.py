@@ -29,16 +29,17 @@ parameters per row include BatchNorm and CBAM):
     =====  ==========  ======  ======  ======  ==================  ===========  ==========
 
 Total 4,473,155 parameters for 115 classes (paper: 4.50M; 0.40× ResNet18's 11.24M with the same head) and
-0.75 GMACs per 3×256×256 image (ResNet18: 2.37 GMACs). ``maknet_small`` (1.2M) and ``maknet_tiny`` (0.23M) keep
-the layout with fewer channels, for CPU tests and demos.
+0.75 GMACs per 3×256×256 image as four separate groups (1.0 GMACs as executed with the default fusing of stages
+0–1, see ``MAKNet``; ResNet18: 2.37 GMACs). Measured on a shared 2-core CPU (tools/bench_model.py, batch 4),
+MAKNet trained at 1.5–1.8× ResNet18's images/s and inferred at 0.8×. ``maknet_small`` (1.2M) and
+``maknet_tiny`` (0.23M) keep the layout with fewer channels, for CPU tests and demos.
 
 Input convention: the three channels are three consecutive CT slices (z−1, z, z+1), each HU-windowed to
 [0, 255] (default window [−1024, 3071] HU as LesaNet), scaled to [0, 1] and normalised with mean/std 0.5.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
