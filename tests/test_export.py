@@ -154,3 +154,14 @@ def test_export_loads_in_a_fresh_process_with_equal_outputs(tmp_path, arch):
     torch.testing.assert_close(got["fb"], got["fm"], rtol=0, atol=0)
     assert res["k"] == [2, 3] and res["feats"] >= 4 and res["labels"] == LABELS
     assert res["dompre"] is arch.startswith("maknet")
+
+
+def test_cli_export_writes_and_reports(tmp_path, capsys):
+    from dompre.cli import main
+
+    _, ck = _maknet(tmp_path)
+    assert main(["export", str(ck), str(tmp_path / "out"), "--card-note", "from the CLI"]) == 0
+    assert "exported maknet_tiny" in capsys.readouterr().out
+    assert "from the CLI" in (tmp_path / "out" / "README.md").read_text()
+    assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "out2")]) == 2
+    assert "checkpoint.json" in capsys.readouterr().err

@@ -7,6 +7,7 @@ doubt). Example:
 
     OMP_NUM_THREADS=2 python tools/bench_model.py --batch 8 --steps 5
     python tools/bench_model.py --device cuda --batch 64 --steps 20 --channels-last --bf16
+    OMP_NUM_THREADS=1 python tools/bench_model.py --cpu-time --models resnet18 maknet   # busy shared CPU
     python tools/bench_model.py --models maknet --profile    # where does MAKNet's training step spend its time
 """
 from __future__ import annotations
@@ -64,12 +65,12 @@ def make_step(model: torch.nn.Module, args: argparse.Namespace, device: torch.de
     return step
 
 
-def timed(step, device: torch.device) -> float:
+def timed(step, device: torch.device, clock=time.perf_counter) -> float:
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     step()
     _sync(device)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def interleaved_times(steps: dict, args: argparse.Namespace, device: torch.device) -> dict[str, list[float]]:
@@ -80,7 +81,7 @@ def interleaved_times(steps: dict, args: argparse.Namespace, device: torch.devic
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(args.steps):
         for key, step in steps.items():
-            times[key].append(timed(step, device))
+            times[key].append(timed(step, device, time.process_time if args.cpu_time else time.perf_counter))
     return times
 
 
@@ -124,6 +125,9 @@ def main() -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time steps by this process's CPU seconds, not wall clock: on a shared CPU machine, with "
+                        "OMP_NUM_THREADS=1, this measures the work itself (images per CPU-second)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table per model instead")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -148,7 +152,7 @@ def main() -> None:
         rows[name][3 if train else 4] = args.batch / min(ts)
     rows, base = list(rows.values()), rows["resnet18"]
     print(f"device={device} batch={args.batch} steps={args.steps} size={args.size} channels_last={args.channels_last}"
-          f" bf16={args.bf16} compile={args.compile} threads={torch.get_num_threads()}")
+          f" bf16={args.bf16} compile={args.compile} cpu_time={args.cpu_time} threads={torch.get_num_threads()}")
     print(f"{'model':<14}{'params':>12}{'GFLOPs':>9}{'train img/s':>13}{'infer img/s':>13}"
           f"{'params×':>9}{'train×':>8}{'infer×':>8}")
     for name, params, flops, tr, inf in rows:

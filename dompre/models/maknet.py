@@ -30,8 +30,9 @@ parameters per row include BatchNorm and CBAM):
 
 Total 4,473,155 parameters for 115 classes (paper: 4.50M; 0.40× ResNet18's 11.24M with the same head) and
 0.75 GMACs per 3×256×256 image as four separate groups (1.0 GMACs as executed with the default fusing of stages
-0–1, see ``MAKNet``; ResNet18: 2.37 GMACs). Measured on a shared 2-core CPU (tools/bench_model.py, batch 4),
-MAKNet trained at 1.5–1.8× ResNet18's images/s and inferred at 0.8×. ``maknet_small`` (1.2M) and
+0–1, see ``MAKNet``; ResNet18: 2.37 GMACs). Measured on a busy shared 2-core CPU (tools/bench_model.py
+--cpu-time, batch 4, 3×256×256): MAKNet trains 1.14–1.41× and infers 1.06–1.19× as many images per CPU-second as
+ResNet18 (wall-clock ratios swung from 0.6× to 1.8× with other users' load; no GPU was available to measure). ``maknet_small`` (1.2M) and
 ``maknet_tiny`` (0.23M) keep the layout with fewer channels, for CPU tests and demos.
 
 Input convention: the three channels are three consecutive CT slices (z−1, z, z+1), each HU-windowed to
