@@ -1,5 +1,6 @@
 """Checkpoints and timm exports: round trips, strictness, no unpickling, and loading in a fresh process."""
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -106,7 +107,7 @@ def test_export_folder_has_timm_config_and_model_card(tmp_path, monkeypatch):
 def _run_fresh(code: str) -> dict:
     """Run ``code`` in a new interpreter; it prints one JSON line."""
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=240, env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PATH": ""})
+                          timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -123,3 +123,9 @@ def test_features_only_gives_five_scales():
     assert [f.shape[-1] for f in feats] == [32, 16, 8, 4, 2]
     some = timm.create_model("maknet_tiny", features_only=True, out_indices=(2, 4))
     assert len(some(torch.randn(1, 3, 64, 64))) == 2
+    full = timm.create_model("maknet_tiny").eval()
+    with torch.no_grad():
+        last, inter = full.forward_intermediates(torch.randn(1, 3, 64, 64), indices=(1, 4))
+    assert [t.shape[1] for t in inter] == [full.feature_info[1]["num_chs"], full.num_features]
+    torch.testing.assert_close(last, inter[-1])
+

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, ClassifierHead, ConvNormAct, DropPath
 from timm.layers.cbam import CbamModule
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from dompre.models.heads import ScorePropagation
@@ -246,6 +247,24 @@ class MAKNet(nn.Module):
         dd = dict(device=self.stem.conv.weight.device, dtype=self.stem.conv.weight.dtype)
         self.spl = ScorePropagation(num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.spl.train(self.training)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's intermediate-feature API: outputs of the stem (0) and stages (1–4) named by ``indices``."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"MAKNet intermediates are NCHW only, got output_fmt={output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
+        feats = []
+        x = self.stem(x)
+        if 0 in take:
+            feats.append(x)
+        stages = self.stages[:max_index] if stop_early else self.stages
+        for i, stage in enumerate(stages, start=1):
+            x = checkpoint_seq(stage, x) if self.grad_checkpointing else stage(x)
+            if i in take:
+                feats.append(x)
+        return feats if intermediates_only else (x, feats)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
