@@ -187,9 +187,10 @@ class MAKNet(nn.Module):
         drop_rate: dropout before the classifier (the paper's student uses 0.5).
         drop_path_rate: stochastic depth over the dense layers, rising linearly to this value.
         fused_mak: run MAKConv as one padded k×k convolution (see ``MAKConv``): one bool, or one per stage.
-            The default fuses the two high-resolution stages only: measured on CPU (tools/bench_model.py),
-            fusing is faster where activations are large and channels few (stages 0–1), the four separate
-            groups (2.25× fewer MACs) where channels are many (stages 2–3).
+            The default fuses the two high-resolution stages only: timed per stage on CPU (2 threads, wall
+            clock), fusing was faster where activations are large and channels few (stages 0–1), the four
+            separate groups (2.25× fewer MACs) where channels are many (stages 2–3); single-thread CPU time
+            favours all-split by a few percent. Numerically the same; weights are interchangeable.
     """
 
     def __init__(self, stages: Sequence[StageSpec], stem_chs: int = 32, num_classes: int = 115, in_chans: int = 3,
