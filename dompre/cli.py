@@ -207,13 +207,28 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint folder (model.safetensors + checkpoint.json)")
     p.add_argument("out_dir", help="export folder (new, empty, or an earlier export, which is replaced)")
     p.add_argument("--card-note", default=None, help="a note added to the README.md model card")
+    p.add_argument("--explain", nargs="+", default=None, metavar="INPUT",
+                   help="example inputs (STORE_DIR:3,7,9, SERIES_DIR@SLICE, PNG) whose integrated-gradient "
+                        "montage goes into the model card")
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from dompre.export import export_timm
+    from dompre.export import export_timm, read_checkpoint_meta
 
-    r = export_timm(args.checkpoint, args.out_dir, card={"note": args.card_note} if args.card_note else None)
+    images = None
+    if args.explain:
+        import numpy as np
+
+        from dompre.explain import parse_inputs
+        meta = read_checkpoint_meta(args.checkpoint)
+        size = tuple(meta.get("info", {}).get("input_size") or (3, 256, 256))[-2:]
+        items, skipped = parse_inputs(args.explain, meta.get("label_names") or [], size)
+        for spec, reason in skipped:
+            print(f"export: skipped explanation input {spec}: {reason}", file=sys.stderr)
+        images = np.stack([it.image for it in items]) if items else None
+    r = export_timm(args.checkpoint, args.out_dir, card={"note": args.card_note} if args.card_note else None,
+                    explain_images=images)
     print(f"exported {r['arch']} ({r['params']:,} parameters, {r['num_classes']} outputs) -> {r['out_dir']}")
     print(f"checked: timm.create_model('local-dir:{r['out_dir']}', pretrained=True) gives the same outputs "
           f"(max |diff| {r['max_abs_diff']:.2g})")

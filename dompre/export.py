@@ -41,6 +41,7 @@ __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "export
 
 _log = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
+EXPLAIN_PNG = "explanations.png"
 CHECKPOINT_JSON = "checkpoint.json"
 FORMAT = "dompre-checkpoint"
 _RESERVED = ("arch", "label_names", "num_classes", "model_kwargs")
@@ -237,6 +238,9 @@ def _card(arch: str, model: nn.Module, info: Mapping[str, Any], data_config: Map
         'model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True)',
         'backbone = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True, num_classes=0)',
         "```"]
+    if card.get("explanations"):
+        lines += ["", "## Explanations", "Integrated gradients on example inputs (top-3 labels with confidences):",
+                  "", f"![explanations]({card['explanations']})"]
     if card.get("note"):
         lines += ["", "## Note", str(card["note"])]
     if labels:
@@ -245,9 +249,16 @@ def _card(arch: str, model: nn.Module, info: Mapping[str, Any], data_config: Map
 
 
 def _write_export(model: nn.Module, folder: Path, arch: str, info: Mapping[str, Any],
-                  card: Mapping[str, Any]) -> None:
+                  card: Mapping[str, Any], explain_images: Any = None) -> None:
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
+
+    if explain_images is not None and len(explain_images):
+        from dompre.explain import explain_montage
+
+        label_names = info.get("label_names") or [f"class {i}" for i in range(model.num_classes)]
+        explain_montage(model, explain_images, label_names, folder / EXPLAIN_PNG, method="ig")
+        card = {**card, "explanations": EXPLAIN_PNG}
 
     data_config = _data_config(model, info)
     hu_window = list(info.get("hu_window") or CT_HU_WINDOW)
@@ -282,7 +293,8 @@ def _check_export(model: nn.Module, folder: Path) -> float:
 
 
 def export_timm(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                card: Mapping[str, Any] | str | None = None, check: bool = True) -> dict[str, Any]:
+                card: Mapping[str, Any] | str | None = None, check: bool = True,
+                explain_images: Any = None) -> dict[str, Any]:
     """Export a checkpoint as a timm folder: ``config.json``, ``model.safetensors``, ``README.md``.
 
     The folder is written next to ``out_dir`` under a temporary name, checked (``check``: timm loads it and gives
@@ -294,6 +306,8 @@ def export_timm(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         card: model-card fields overriding the checkpoint's info: ``note``, ``data``, ``intended_use``,
             ``limits``, ``title``, ``license``; a string is taken as ``note``.
         check: reload with ``timm.create_model('local-dir:...')`` and compare outputs before publishing.
+        explain_images: a few uint8 ``(N, 3, H, W)`` inputs; their integrated-gradient montage goes into the
+            folder as ``explanations.png`` and is shown in the model card.
 
     Returns:
         ``{"out_dir", "arch", "num_classes", "params", "max_abs_diff"}`` (``max_abs_diff`` None without check).
@@ -307,7 +321,7 @@ def export_timm(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
-        _write_export(model, tmp, arch, info, card)
+        _write_export(model, tmp, arch, info, card, explain_images)
         diff = _check_export(model, tmp) if check else None
         if diff is not None and diff > 1e-5:
             raise ValueError(f"{out_dir}: the exported model gives different outputs (max |diff| {diff:.3g}); "

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -102,6 +103,16 @@ def test_export_folder_has_timm_config_and_model_card(tmp_path, monkeypatch):
         export_timm(ck, tmp_path / "junk")
     export_timm(ck, tmp_path / "out", check=False)  # an earlier export is replaced
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_export_card_shows_an_explanation_montage(tmp_path):
+    _, ck = _maknet(tmp_path)
+    images = np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+    export_timm(ck, tmp_path / "out", explain_images=images)
+    png = tmp_path / "out" / "explanations.png"
+    from PIL import Image
+    assert Image.open(png).size[0] > 100
+    assert "![explanations](explanations.png)" in (tmp_path / "out" / "README.md").read_text()
 
 
 def _run_fresh(code: str) -> dict:
