@@ -99,7 +99,9 @@ def load_run_data(recipe: PretrainRecipe) -> RunData:
     if d.hand_labeled:
         from dompre.data.deeplesion import load_hand_labeled
         hand = load_hand_labeled(d.hand_labeled, names)
-        where = {int(v): i for i, v in enumerate(labeled.meta["lesion_idx"].to_numpy()) if int(v) >= 0}
+        # rows of lesions outside the training split only, so the hand-labeled score never sees training inputs
+        where = {int(v): i for i, v in enumerate(labeled.meta["lesion_idx"].to_numpy())
+                 if int(v) >= 0 and split[i] != d.train_split}
         pairs = [(where[l], k) for k, l in enumerate(hand.lesion_idxs) if l in where]
         rows["hand"] = np.array([p[0] for p in pairs], dtype=np.int64)
         set_labels["hand"] = hand.labels[[p[1] for p in pairs]] if pairs else np.zeros((0, len(names)), np.float32)
@@ -173,7 +175,9 @@ def _train_iteration(accelerator, recipe: PretrainRecipe, data: RunData, it: int
         if pseudo.label_names != data.label_names:
             raise ValueError(f"{pseudo.folder}: pseudo-labels over {len(pseudo.label_names)} labels do not match "
                              f"the model's {L} labels; use a new output_dir")
-        rows, targets, weights, summary = pseudo_rows(pseudo, r.pseudo, data.exclusive)
+        prev_metrics = stage.parent / f"iter{it - 1}" / "metrics.json"
+        val_th = np.asarray(json.loads(prev_metrics.read_text())["thresholds"]) if prev_metrics.is_file() else None
+        rows, targets, weights, summary = pseudo_rows(pseudo, r.pseudo, data.exclusive, val_th)
         info["pseudo"] = {k: v for k, v in summary.items() if k != "per_label"}
         common["labeled_batch"] = r.student.labeled_batch
         loaders = build_loaders(data.labeled, data.train_rows, data.labels,
@@ -214,6 +218,9 @@ def run(recipe: PretrainRecipe) -> dict:
     from dompre.train.pseudo_label import label_store
 
     check_recipe(recipe)
+    if recipe.train.torch_threads > 0:
+        import torch
+        torch.set_num_threads(recipe.train.torch_threads)
     out = Path(recipe.output_dir)
     data = load_run_data(recipe)
     import torch

@@ -88,3 +88,10 @@ def test_label_weights_and_masked_focal_loss():
     l2 = logits.clone()
     l2[2, 1] = 50.0
     assert loss(l2, target).item() == pytest.approx(loss(logits, target).item())
+
+
+def test_per_label_thresholds():
+    idx = np.array([[0, 1, 2]], np.int16)
+    prob = np.array([[0.8, 0.7, 0.6]], np.float16)
+    kept = select_labels(idx, prob, np.array([0.9, 0.5, 0.5]), 15)  # label 0 needs > 0.9 now
+    np.testing.assert_array_equal(kept, [[False, True, True]])

@@ -51,6 +51,7 @@ class TeacherConfig:
 class PseudoConfig:
     threshold: float = 0.5  # keep a label when its probability > threshold ...
     top_k: int = 15  # ... and it is among the top_k labels of the input
+    val_thresholds: bool = False  # also require the teacher's per-label validation threshold (calibrated keep)
     soft: bool = False  # soft targets (teacher probabilities of kept labels) instead of hard 1/0
     balance: bool = False  # per-label balancing: sample inputs of rare pseudo-labels more often
     drop_empty: bool = True  # leave out inputs with no kept label (as Noisy Student drops low-confidence images)
@@ -77,6 +78,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate mixed precision (GPU: bf16)
     channels_last: bool = False  # channels_last memory format (faster on GPU)
     num_workers: int = 2  # DataLoader workers per process
+    torch_threads: int = 0  # intra-op CPU threads per process (0 = torch's default; 1 on a busy or tiny CPU box)
     checkpoint_every: int = 200  # save_state every N optimizer steps (and at every epoch end)
     log_every: int = 10  # log losses to the trackers every N steps
     progress: bool = True  # tqdm progress bars on the main process

@@ -42,14 +42,14 @@ def topk(probs: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx.cpu().numpy().astype(np.int16), val.cpu().numpy().astype(np.float16)
 
 
-def select_labels(idx: np.ndarray, prob: np.ndarray, threshold: float, top_k: int,
+def select_labels(idx: np.ndarray, prob: np.ndarray, threshold: float | np.ndarray, top_k: int,
                   exclusive: np.ndarray | None = None) -> np.ndarray:
     """The pseudo-label rule on stored top-k rows.
 
     Args:
         idx: (N, K) label indices, most confident first (K >= top_k, or fewer labels exist).
         prob: (N, K) their probabilities.
-        threshold: keep labels with probability strictly above it.
+        threshold: keep labels with probability strictly above it (a float, or one value per label).
         top_k: only the first ``top_k`` columns can be kept.
         exclusive: (L, L) bool exclusivity matrix, or None.
 
@@ -58,7 +58,8 @@ def select_labels(idx: np.ndarray, prob: np.ndarray, threshold: float, top_k: in
     """
     idx = np.asarray(idx).astype(np.int64)
     prob = np.asarray(prob, dtype=np.float32)
-    keep = prob > threshold
+    thr = np.asarray(threshold, dtype=np.float32)
+    keep = prob > (thr[idx] if thr.ndim else thr)
     keep[:, top_k:] = False
     if exclusive is None or not exclusive.any():
         return keep
@@ -168,7 +169,7 @@ class PseudoLabels:
     def __len__(self) -> int:
         return len(self.idx)
 
-    def kept(self, threshold: float, top_k: int, exclusive: np.ndarray | None) -> np.ndarray:
+    def kept(self, threshold: float | np.ndarray, top_k: int, exclusive: np.ndarray | None) -> np.ndarray:
         """(N, K) bool mask of labels kept by the rule."""
         return select_labels(self.idx, self.prob, threshold, top_k, exclusive)
 

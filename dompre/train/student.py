@@ -44,14 +44,21 @@ class PseudoTargets:
         return out
 
 
-def pseudo_rows(pseudo: PseudoLabels, cfg: PseudoConfig, exclusive: np.ndarray | None
+def pseudo_rows(pseudo: PseudoLabels, cfg: PseudoConfig, exclusive: np.ndarray | None,
+                val_thresholds: np.ndarray | None = None
                 ) -> tuple[np.ndarray, PseudoTargets, np.ndarray | None, dict]:
     """Rows of the unlabeled store the student trains on, their targets, sampling weights and a summary.
+
+    ``val_thresholds`` (used when ``cfg.val_thresholds``): the teacher's per-label thresholds from validation;
+    a label is then kept above ``max(cfg.threshold, its threshold)``.
 
     Raises:
         ValueError: no input has a pseudo-label above the threshold.
     """
-    kept = pseudo.kept(cfg.threshold, cfg.top_k, exclusive)
+    threshold = cfg.threshold
+    if cfg.val_thresholds and val_thresholds is not None:
+        threshold = np.maximum(cfg.threshold, np.asarray(val_thresholds, dtype=np.float32))
+    kept = pseudo.kept(threshold, cfg.top_k, exclusive)
     has = kept.any(1)
     rows = np.flatnonzero(has) if cfg.drop_empty else np.arange(len(pseudo))
     if len(rows) == 0:
