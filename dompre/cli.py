@@ -235,7 +235,57 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [_add_synth, _add_explain, _add_ingest, _add_finetune, _add_study, _add_export]
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="Noisy Student pretraining (teacher -> pseudo-labels -> students); resumable")
+    p.add_argument("recipe", metavar="RECIPE", help="YAML recipe, e.g. recipes/tcia.yaml or recipes/demo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. output_dir=runs/x")
+    p.set_defaults(func=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    import logging
+
+    from dompre.noisy_student import run_recipe
+    logging.basicConfig(level=logging.WARNING)
+    result = run_recipe(args.recipe, args.overrides)
+    for r in result["results"]:
+        m = r["metrics"]
+        cells = " ".join(f"{s} auc {m[s]['auc']:.4f} f1 {m[s]['f1']:.4f}" for s in ("test", "hand")
+                         if m.get(s) and m[s].get("auc") is not None)
+        print(f"iteration {r['iteration']} ({r['model']}): {cells or 'no test metrics'}")
+    print(f"pretrain: outputs in {result['output_dir']}; table {result['report'].get('md', '')}")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the main job end to end on the synthetic cohort: synth, ingest, pretrain, export")
+    p.add_argument("--out", default="dompre-demo", help="demo folder (default dompre-demo); rerun to resume")
+    p.add_argument("--patients", type=int, default=36, help="synthetic patients (default 36)")
+    p.add_argument("--seed", type=int, default=0, help="cohort and training seed (default 0)")
+    p.add_argument("--recipe", default=None, help="pretraining recipe (default recipes/demo.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="pretraining recipe override (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import logging
+
+    from dompre.demo import run_demo
+    logging.basicConfig(level=logging.WARNING)
+    s = run_demo(args.out, patients=args.patients, seed=args.seed, recipe=args.recipe, overrides=args.overrides,
+                 progress=not args.no_progress)
+    for r in s["results"]:
+        cells = " ".join(f"{k} auc {r[k]['auc']:.4f} f1 {r[k]['f1']:.4f}" for k in ("test", "hand")
+                         if r.get(k) and r[k].get("auc") is not None)
+        print(f"iteration {r['iteration']} ({'teacher' if r['iteration'] == 0 else 'student'}): {cells}")
+    print(f"demo: {s['verdict']}")
+    print(f"demo: report {s['report']}; backbone {s['backbone']}; wall time {s['times_s']['total']} s")
+    return 0
+
+COMMANDS = [_add_synth, _add_explain, _add_ingest, _add_finetune, _add_study, _add_export, _add_pretrain, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
