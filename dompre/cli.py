@@ -289,7 +289,8 @@ COMMANDS = [_add_synth, _add_explain, _add_ingest, _add_finetune, _add_study, _a
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dompre", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="dompre", description="Semi-supervised domain pretraining for medical imaging (Noisy Student on CT).")
     parser.add_argument("--version", action="version", version=f"dompre {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
