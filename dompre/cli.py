@@ -282,6 +282,9 @@ def _run_demo(args: argparse.Namespace) -> int:
                          if r.get(k) and r[k].get("auc") is not None)
         print(f"iteration {r['iteration']} ({'teacher' if r['iteration'] == 0 else 'student'}): {cells}")
     print(f"demo: {s['verdict']}")
+    d = s["downstream"]
+    cells = "; ".join(f"{r['init']} init {r['mean']:.4f} ± {r['std']:.4f}" for r in d["summary"])
+    print(f"demo: downstream lesion type ({d['metric']}, {len(d['summary'])} inits x 2 seeds): {cells}")
     print(f"demo: report {s['report']}; backbone {s['backbone']}; wall time {s['times_s']['total']} s")
     return 0
 

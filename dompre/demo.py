@@ -33,7 +33,8 @@ def _timed(times: dict, name: str, fn, *args, **kwargs):
 
 
 def run_demo(out: str | Path, *, patients: int = 36, seed: int = 0, labeled_fraction: float = 0.3,
-             recipe: str | Path | None = None, overrides: Sequence[str] = (), progress: bool = True) -> dict:
+             recipe: str | Path | None = None, overrides: Sequence[str] = (), progress: bool = True,
+             downstream_epochs: int = 4, synth_options: dict | None = None) -> dict:
     """Run the whole pipeline into ``out`` and return a summary (paths, timings, per-iteration metrics).
 
     Args:
@@ -41,6 +42,8 @@ def run_demo(out: str | Path, *, patients: int = 36, seed: int = 0, labeled_frac
         patients: synthetic patients; ``labeled_fraction`` of them form the labeled DeepLesion share.
         seed: cohort and training seed.
         recipe: pretraining recipe (default ``recipes/demo.yaml``); ``overrides`` are its ``key=value``s.
+        downstream_epochs: epochs of the last step, lesion-type fine-tuning from random vs domain init.
+        synth_options: further ``generate_cohort`` arguments (default matrix 128).
     """
     from dompre.data.ingest import ingest_dicom, load_ingest_recipe
     from dompre.data.ingest_deeplesion import ingest_deeplesion, load_deeplesion_recipe
@@ -49,6 +52,7 @@ def run_demo(out: str | Path, *, patients: int = 36, seed: int = 0, labeled_frac
     from dompre.noisy_student import run as run_pretraining
     from dompre.recipes import load_recipe
     from dompre.train.config import PretrainRecipe
+    from dompre.train.study import run_synthetic_downstream
 
     out = Path(out).resolve()
     cohort, stores, run_dir, report = out / "cohort", out / "stores", out / "run", out / "report"
@@ -63,7 +67,7 @@ def run_demo(out: str | Path, *, patients: int = 36, seed: int = 0, labeled_frac
     t_all = time.perf_counter()
     if not (cohort / "cohort.json").is_file():
         _timed(times, "synth", generate_cohort, cohort, patients=patients, seed=seed, layout="both",
-               labeled_fraction=labeled_fraction, matrix=128, progress=progress)
+               labeled_fraction=labeled_fraction, progress=progress, **{"matrix": 128, **(synth_options or {})})
     prep = (f"prep.size={size}", "prep.min_slices=20")
     _timed(times, "ingest dicom", ingest_dicom, cohort / "dicom", stores / "dicom", workers=2,
            recipe=load_ingest_recipe(None, prep), progress=progress)
@@ -76,6 +80,8 @@ def run_demo(out: str | Path, *, patients: int = 36, seed: int = 0, labeled_frac
     exported = _timed(times, "export", export_timm, Path(last["stage"]) / "checkpoint", report / "backbone",
                       card={"note": f"dompre demo: iteration {last['iteration']} of a Noisy Student run on the "
                                     "synthetic CT cohort (not a clinical model)"})
+    downstream = _timed(times, "downstream", run_synthetic_downstream, cohort, report / "backbone",
+                        out / "downstream", epochs=downstream_epochs, seeds=2, image_size=size)
     times["total"] = round(time.perf_counter() - t_all, 1)
     for name in ("metrics.png", "metrics.csv", "metrics.md"):
         shutil.copy2(run_dir / name, report / name)
@@ -84,7 +90,10 @@ def run_demo(out: str | Path, *, patients: int = 36, seed: int = 0, labeled_frac
                                              | {"test": r["metrics"].get("test"), "hand": r["metrics"].get("hand")}
                                              for r in result["results"]],
                "labeled": {k: int(len(v)) for k, v in _split_sizes(stores / "deeplesion").items()},
-               "unlabeled_inputs": _store_len(stores / "dicom")}
+               "unlabeled_inputs": _store_len(stores / "dicom"),
+               "downstream": {"metric": downstream["metric"], "n": downstream["n"], "arch": downstream["arch"],
+                              "summary": downstream["summary"], "comparisons": downstream["comparisons"],
+                              "markdown": downstream["markdown"], "out_dir": str(downstream["out_dir"])}}
     summary["verdict"] = verdict(summary["results"])
     (report / "README.md").write_text(_report_markdown(summary, (run_dir / "metrics.md").read_text(), rec))
     (report / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -137,6 +146,15 @@ mean over labels; hand-labeled = the cohort's hand-labeled lesions outside the t
 
 {table}
 ![metrics per iteration](metrics.png)
+
+## Downstream: lesion type from random vs domain initialisation
+
+The last step fine-tunes the exported {s['downstream']['arch']} on the cohort's lesion types (`Coarse_lesion_type`
+of the DeepLesion-layout share; inputs per split {s['downstream']['n']}), once from random weights and once from
+the pretrained backbone, two seeds each; the metric is {s['downstream']['metric']}. Full runs in
+`{s['downstream']['out_dir']}`.
+
+{s['downstream']['markdown'].replace('## ', '### ', 1)}
 
 ## Exported backbone
 
