@@ -9,7 +9,6 @@ file. Bad configuration (missing input, unwritable store, bad option) raises at 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -24,11 +23,10 @@ from tqdm.auto import tqdm
 
 from dompre.data.dicom import SeriesError, SeriesInfo, group_headers, list_files, read_series, scan_file
 from dompre.data.prep import PrepConfig, prepare_volume
-from dompre.data.store import StoreWriter
+from dompre.data.store import StoreWriter, write_report
 from dompre.recipes import load_recipe
 
 log = logging.getLogger(__name__)
-REPORT = "report.json"
 
 
 @dataclass(frozen=True)
@@ -210,7 +208,4 @@ def _write_report(store_dir: Path, input_dir: Path, series: list[SeriesInfo], ba
                "skip_reasons": dict(Counter(_reason_kind(r.get("reason", "")) for r in skipped + files))}
     report = {"input": str(input_dir.resolve()), "store": str(store_dir.resolve()),
               "recipe": dataclasses.asdict(recipe), "summary": summary, "series": rows, "files": files}
-    tmp = store_dir / (REPORT + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, store_dir / REPORT)
-    return {**summary, "report": str(store_dir / REPORT)}
+    return write_report(store_dir, report, summary)

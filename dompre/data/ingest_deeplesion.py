@@ -11,7 +11,6 @@ lesions flagged ``Possibly_noisy`` and, by default, lesions with no relevant lab
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections import Counter
@@ -26,11 +25,10 @@ from tqdm.auto import tqdm
 from dompre.data.deeplesion import (LesionInputConfig, build_lesion_input, load_lesanet_labels, load_ontology,
                                     read_dl_info)
 from dompre.data.prep import PrepConfig
-from dompre.data.store import StoreWriter
+from dompre.data.store import StoreWriter, write_report
 from dompre.recipes import load_recipe
 
 log = logging.getLogger(__name__)
-REPORT = "report.json"
 
 
 @dataclass(frozen=True)
@@ -194,7 +192,4 @@ def _write_report(root: Path, store_dir: Path, units: dict[str, dict], recipe: D
                "splits": dict(Counter(r.get("split", "") for r in rows if r.get("status") == "ok"))}
     report = {"input": str(root.resolve()), "store": str(store_dir.resolve()),
               "recipe": dataclasses.asdict(recipe), "label_names": names, "summary": summary, "lesions": rows}
-    tmp = store_dir / (REPORT + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, store_dir / REPORT)
-    return {**summary, "report": str(store_dir / REPORT)}
+    return write_report(store_dir, report, summary)

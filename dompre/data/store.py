@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 
 MANIFEST = "manifest.json"
+REPORT = "report.json"  # an ingest job's list of every unit with its status and skip reason
 VERSION = 1
 META_DEFAULTS: dict[str, Any] = {"source": "", "series_uid": "", "patient": "", "z": float("nan"),
                                  "spacing": (), "window": (), "split": "", "lesion_idx": -1, "bbox": ()}
@@ -60,6 +61,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_report(store_dir: str | Path, report: dict, summary: dict) -> dict:
+    """Write an ingest job's ``report.json`` into the store atomically; return ``summary`` plus its path."""
+    path = Path(store_dir) / REPORT
+    _write_atomic(path, json.dumps(report, indent=1).encode())
+    return {**summary, "report": str(path)}
 
 
 def _jsonable(v: Any) -> Any:
