@@ -299,7 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. output_dir=runs/x")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    result = run_recipe(args.recipe, args.overrides)
+    try:
+        result = run_recipe(args.recipe, args.overrides)
+    except (ValueError, FileNotFoundError, KeyError) as e:  # bad recipe or data: one line, no traceback
+        logger.error("error: %s", e.args[0] if isinstance(e, KeyError) and e.args else e)
+        return 2
     logger.info("done: %s", json.dumps({"output_dir": result["output_dir"], **result["report"]}))
     return 0
 
