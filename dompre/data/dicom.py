@@ -21,11 +21,20 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
+from pydicom.pixels import pixel_array
+from pydicom.tag import Tag
 
 log = logging.getLogger(__name__)
 
-_HEADER_TAGS = ["SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Modality", "SOPClassUID",
-                "SeriesDescription", "NumberOfFrames", "BodyPartExamined"]
+_HEADER_TAGS = [Tag(k) for k in ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Modality", "SOPClassUID",
+                                  "SeriesDescription", "NumberOfFrames", "BodyPartExamined")]
+_HEADER_END = max(_HEADER_TAGS)  # the scan stops parsing after the last tag it needs
+# read_series' tags besides group 0028 (which pydicom's pixel_array always reads)
+_SLICE_TAGS = [Tag(k) for k in ("SOPInstanceUID", "Modality", "ImageType", "PatientID", "StudyInstanceUID",
+                                "SeriesInstanceUID", "BodyPartExamined", "ImagePositionPatient",
+                                "ImageOrientationPatient", "InstanceNumber", "PerFrameFunctionalGroupsSequence",
+                                "SharedFunctionalGroupsSequence")]
 _GAP_FACTOR = 1.5        # a step larger than this × the median step is a missing slice
 _JITTER = 0.2            # steps within ±20 % of the median are regular
 
@@ -65,7 +74,10 @@ class CTVolume:
 
 
 def _read_header(path: Path) -> pydicom.Dataset:
-    return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
+    """The grouping tags only; parsing stops after the last of them (about half the cost of the full header)."""
+    with open(path, "rb") as f:
+        return read_partial(f, stop_when=lambda tag, vr, length: tag > _HEADER_END, force=True,
+                            specific_tags=_HEADER_TAGS)
 
 
 def scan_file(path: str | Path) -> tuple[dict | None, str]:
@@ -166,21 +178,22 @@ class _Slice:
     file: Path
     ds: pydicom.Dataset
     frame: int | None = None
+    pixels: np.ndarray | None = None  # stored values of the whole file, when decoded while reading
 
 
-def _slices_of(path: Path, ds: pydicom.Dataset) -> list[_Slice]:
+def _slices_of(path: Path, ds: pydicom.Dataset, pixels: np.ndarray | None = None) -> list[_Slice]:
     n = int(ds.get("NumberOfFrames", 1) or 1)
     if n <= 1:
         return [_Slice(_floats(ds.get("ImagePositionPatient"), 3), _floats(ds.get("ImageOrientationPatient"), 6),
                        int(ds.get("InstanceNumber", 0) or 0), ds.get("RescaleSlope"), ds.get("RescaleIntercept"),
-                       _floats(ds.get("PixelSpacing"), 2), path, ds)]
+                       _floats(ds.get("PixelSpacing"), 2), path, ds, None, pixels)]
     out = []
     for i in range(n):
         out.append(_Slice(_floats(_fg(ds, i, "PlanePositionSequence", "ImagePositionPatient"), 3),
                           _floats(_fg(ds, i, "PlaneOrientationSequence", "ImageOrientationPatient"), 6), i + 1,
                           _fg(ds, i, "PixelValueTransformationSequence", "RescaleSlope"),
                           _fg(ds, i, "PixelValueTransformationSequence", "RescaleIntercept"),
-                          _floats(_fg(ds, i, "PixelMeasuresSequence", "PixelSpacing"), 2), path, ds, i))
+                          _floats(_fg(ds, i, "PixelMeasuresSequence", "PixelSpacing"), 2), path, ds, i, pixels))
     return out
 
 
@@ -275,6 +288,8 @@ def _decode_sitk(path: Path, ds: pydicom.Dataset) -> np.ndarray:
 
 def _decode(s: _Slice) -> np.ndarray:
     """Stored values of one file: pydicom first, SimpleITK (GDCM) where pydicom fails on compressed data."""
+    if s.pixels is not None:
+        return s.pixels
     try:
         return s.ds.pixel_array
     except Exception as e:  # noqa: BLE001 - any decoder failure falls back to GDCM
@@ -301,9 +316,10 @@ def _hu(slices: list[_Slice], slope: np.ndarray, inter: np.ndarray) -> np.ndarra
             hu = np.empty((len(slices),) + plane.shape, np.float32)
         if plane.shape != hu.shape[1:]:
             continue
-        hu[k] = plane
         if slope[k] != 1:
-            hu[k] *= slope[k]
+            np.multiply(plane, slope[k], out=hu[k], casting="unsafe")  # cast and scale in one pass
+        else:
+            hu[k] = plane
         if inter[k] != 0:
             hu[k] += inter[k]
     if len(shapes) > 1:
@@ -312,9 +328,21 @@ def _hu(slices: list[_Slice], slope: np.ndarray, inter: np.ndarray) -> np.ndarra
     return hu
 
 
+def _read_fast(f: Path) -> tuple[pydicom.Dataset, np.ndarray]:
+    """One pass over the file: the tags read_series uses and the decoded pixels (no full Dataset, no
+    PixelData bytes copy). Raises on anything unusual; :func:`_load` then takes the general path."""
+    ds = pydicom.Dataset()
+    return ds, pixel_array(f, ds_out=ds, specific_tags=_SLICE_TAGS)
+
+
 def _load(files: Sequence[Path]) -> list[_Slice]:
     slices = []
     for f in files:
+        try:
+            slices.extend(_slices_of(Path(f), *_read_fast(f)))
+            continue
+        except Exception:  # noqa: BLE001 - the general path below decides, with its own error messages
+            pass
         try:
             ds = pydicom.dcmread(f, force=True)
         except Exception as e:  # noqa: BLE001 - a broken file makes the series unusable, with its name
