@@ -1,6 +1,7 @@
 """`dompre finetune` / `dompre study` end to end on tiny layouts with a tiny timm model (CPU, seconds)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -147,6 +148,13 @@ def test_study_grid_table_plot_and_significance(kvasir, tmp_path):
     again = run_study(recipe, inits=("random", "file"), freezes=(0, 100), seeds=1,
                       weights=str(tmp_path / "w.safetensors"), out_dir=study)  # resumes from metrics.json
     assert pd.DataFrame(again["summary"]).equals(pd.DataFrame(res["summary"]))
+    first = study / "random_finetune_f0_s0" / "metrics.json"
+    stamp = first.stat().st_mtime_ns
+    run_study(recipe, inits=("random",), freezes=(0,), seeds=1, out_dir=study)
+    assert first.stat().st_mtime_ns == stamp  # same recipe: reused, not retrained
+    changed = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, epochs=recipe.train.epochs + 1))
+    run_study(changed, inits=("random",), freezes=(0,), seeds=1, out_dir=study)
+    assert first.stat().st_mtime_ns != stamp  # a changed recipe is rerun, never silently reused
     runs = pd.DataFrame({"init": ["random"] * 6 + ["domain"] * 6, "strategy": "finetune",
                          "freeze": [0.0] * 3 + [50.0] * 3 + [0.0] * 3 + [50.0] * 3,
                          "mcc": [0.10, 0.11, 0.09, 0.1, 0.2, 0.0, 0.50, 0.52, 0.48, 0.9, 0.9, 0.9]})

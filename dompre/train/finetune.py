@@ -480,6 +480,7 @@ def run_finetune(recipe: FinetuneRecipe, out_dir: str | Path | None = None) -> d
     from safetensors.torch import save_file
     out = Path(out_dir or recipe.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)  # results of an earlier recipe must not outlive a rerun
     save_recipe(recipe, out / "recipe.yaml")
     ds, splits = prepare_data(recipe)
     k = len(ds.label_names)

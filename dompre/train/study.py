@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
+from dompre.recipes import recipe_to_dict
 from dompre.train.finetune import FinetuneRecipe, load_finetune_recipe, run_finetune
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,13 @@ def to_markdown(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, a
     return "\n".join(lines) + "\n"
 
 
+def _finished(run_dir: Path, cell: FinetuneRecipe) -> bool:
+    """A run folder holds finished results of exactly this recipe (a changed recipe or dataset is rerun)."""
+    saved = run_dir / "recipe.yaml"
+    return ((run_dir / "metrics.json").is_file() and saved.is_file()
+            and yaml.safe_load(saved.read_text()) == recipe_to_dict(cell))
+
+
 def run_study(recipe: FinetuneRecipe | str | Path, *, inits=("random", "domain"), freezes=(0.0,), seeds: int = 3,
               strategies: tuple[str, ...] | None = None, metric: str | None = None, weights: str | None = None,
               out_dir: str | Path | None = None, overrides: tuple[str, ...] = (), alpha: float = 0.05) -> dict:
@@ -127,7 +136,7 @@ def run_study(recipe: FinetuneRecipe | str | Path, *, inits=("random", "domain")
                     raise ValueError(f"init={init} needs weights: pass --weights or set model.weights in the recipe")
                 run_dir = out / f"{init}_{strategy}_f{freeze:g}_s{cell.seed}"
                 done = run_dir / "metrics.json"
-                res = json.loads(done.read_text()) if done.is_file() else run_finetune(cell, run_dir)
+                res = json.loads(done.read_text()) if _finished(run_dir, cell) else run_finetune(cell, run_dir)
                 metric = metric or ("auc" if res["task"] == "multilabel" else "mcc")
                 rows.append({"init": init, "strategy": strategy, "freeze": float(freeze), "seed": cell.seed,
                              **{k: v for k, v in res["test"].items() if isinstance(v, (int, float))},
