@@ -12,7 +12,7 @@ from dompre.demo import run_demo
 def test_demo_runs_every_stage_and_reports(tmp_path):
     overrides = ["iterations=1", "teacher.epochs=1", "student.labeled_epochs=1", "model.img_size=32"]
     s = run_demo(tmp_path / "demo", patients=8, labeled_fraction=0.5, overrides=overrides, progress=False,
-                 downstream_epochs=1, synth_options={"matrix": 64, "max_slices": 60})
+                 downstream_epochs=1, downstream_patients=4, synth_options={"matrix": 64, "max_slices": 60})
     assert [r["iteration"] for r in s["results"]] == [0, 1]
     assert s["unlabeled_inputs"] > 0 and sum(s["labeled"].values()) > 0
     report = (tmp_path / "demo" / "report" / "README.md").read_text()
