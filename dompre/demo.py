@@ -89,7 +89,8 @@ def run_demo(out: str | Path, *, patients: int = 36, seed: int = 0, labeled_frac
                seed=seed + 1000, layout="deeplesion", progress=progress,
                **{"matrix": 128, "max_slices": 48, **(synth_options or {})})
     downstream = _timed(times, "downstream", run_synthetic_downstream, down_cohort, report / "backbone",
-                        out / "downstream", epochs=downstream_epochs, seeds=3, image_size=size)
+                        out / "downstream", epochs=downstream_epochs, seeds=3, image_size=size,
+                        overrides=(f"train.progress={str(progress).lower()}",))
     times["total"] = round(time.perf_counter() - t_all, 1)
     for name in ("metrics.png", "metrics.csv", "metrics.md"):
         shutil.copy2(run_dir / name, report / name)

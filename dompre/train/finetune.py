@@ -90,6 +90,7 @@ class TrainConfig:
     gamma: float = 0.1
     class_weights: bool = False
     augment: bool = True
+    progress: bool = True  # tqdm progress bars on the main process
     max_steps_per_epoch: int = 0  # 0 = whole training set each epoch (tests use 1-2)
     eval_batch_size: int = 64
     save_models: bool = True
@@ -330,7 +331,7 @@ def train_model(recipe: FinetuneRecipe, ds, splits: dict, seed: int, accelerator
     for epoch in range(t.epochs):
         _set_train(model)
         total, n = 0.0, 0
-        for step, batch in enumerate(tqdm(train_dl, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False)):
+        for step, batch in enumerate(tqdm(train_dl, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False, disable=not t.progress)):
             if t.max_steps_per_epoch and step >= t.max_steps_per_epoch:
                 break
             loss = loss_fn(_forward(model, batch, mean, std).float(), batch["label"])
