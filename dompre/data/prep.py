@@ -144,6 +144,9 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
+_BLOCK = 16  # slices windowed and resized together by prepare_volume
+
+
 def prepare_volume(hu: np.ndarray, spacing: tuple[float, float, float], cfg: PrepConfig = PrepConfig(), *,
                    z: np.ndarray | None = None, window: tuple[float, float] | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
@@ -162,9 +165,15 @@ def prepare_volume(hu: np.ndarray, spacing: tuple[float, float, float], cfg: Pre
     """
     n = hu.shape[0]
     z = np.arange(n) * float(spacing[0]) if z is None else np.asarray(z, dtype=np.float64)
-    x = crop_body(hu, cfg.body_threshold, cfg.crop_margin) if cfg.crop else hu
+    if hu.ndim != 3:
+        raise ValueError(f"prepare_volume expects (z, y, x), got shape {hu.shape}")
+    if cfg.crop:  # a view of the body box: only body pixels are windowed and resized
+        y0, y1, x0, x1 = crop_box(hu, cfg.body_threshold, cfg.crop_margin)
+        hu = hu[:, y0:y1, x0:x1]
     win = window if (cfg.window_source == "series" and window is not None) else cfg.window
-    x = resize_slices(window_hu(x, win), cfg.size, cfg.keep_aspect)
+    x = np.empty((n, cfg.size, cfg.size), np.float32)
+    for i in range(0, n, _BLOCK):  # per block of slices: temporaries stay small and in cache
+        x[i:i + _BLOCK] = resize_slices(window_hu(hu[i:i + _BLOCK], win), cfg.size, cfg.keep_aspect)
     grid = np.arange(n, dtype=np.float64)
     if cfg.slice_interval is not None and n > 1:
         x, new_z = resample_z(x, z, cfg.slice_interval)
