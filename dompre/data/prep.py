@@ -75,18 +75,17 @@ def body_mask_fn(threshold: float = -500.0) -> Callable[[np.ndarray], np.ndarray
 
     The mask is computed on the projection over channels (slices), so one box serves the whole stack;
     the table and air outside the body fall away when they do not touch the body. With no voxel above
-    the threshold the whole image is kept.
+    the threshold the whole image is kept. The mask has shape (1, y, x), which ``CropForeground`` accepts.
     """
     def select(img) -> np.ndarray:
         arr = _np(img)
-        proj = (arr > threshold).any(axis=0)
+        proj = arr.max(axis=0) > threshold  # one pass, no volume-sized mask (HU data hold no NaN)
         lab, n = ndimage.label(proj)
         if n == 0:
-            return np.ones_like(arr, dtype=bool)
+            return np.ones((1,) + arr.shape[1:], dtype=bool)
         counts = np.bincount(lab.ravel())
         counts[0] = 0
-        body = lab == int(np.argmax(counts))
-        return np.broadcast_to(body, arr.shape)
+        return (lab == int(np.argmax(counts)))[None]  # (1, y, x): MONAI reduces over channels anyway
     return select
 
 
