@@ -106,8 +106,9 @@ def _check_store_dir(store_dir: Path) -> None:
                               f"STORE_DIR") from None
 
 
-def _scan(files: list[Path], pool: ProcessPoolExecutor | None, progress: bool):
-    chunks = [files[i:i + 256] for i in range(0, len(files), 256)]
+def _scan(files: list[Path], pool: ProcessPoolExecutor | None, workers: int, progress: bool):
+    step = max(16, min(256, -(-len(files) // (4 * workers))))  # >= 4 chunks a worker, so they end together
+    chunks = [files[i:i + step] for i in range(0, len(files), step)]
     results = pool.map(_scan_chunk, chunks) if pool else map(_scan_chunk, chunks)
     good, bad = [], []
     with tqdm(total=len(files), desc="scan headers", unit="file", disable=not progress, leave=False) as bar:
@@ -120,12 +121,13 @@ def _scan(files: list[Path], pool: ProcessPoolExecutor | None, progress: bool):
 
 def _results(todo: list[SeriesInfo], cfg: PrepConfig, root: str, pool: ProcessPoolExecutor | None,
              workers: int) -> Iterator[dict]:
-    """Process series, at most 2 per worker in flight so memory stays bounded."""
+    """Process series, at most 2 per worker in flight so memory stays bounded; longest first across workers,
+    so that no worker is left with a long series at the end."""
     if pool is None:
         for info in todo:
             yield process_series(info, cfg, root)
         return
-    queue = iter(todo)
+    queue = iter(sorted(todo, key=lambda s: -s.n_files))
     running = set()
     for info in queue:
         running.add(pool.submit(process_series, info, cfg, root))
@@ -172,7 +174,7 @@ def ingest_dicom(input_dir: str | Path, store_dir: str | Path, *, workers: int =
     root = str(input_dir)
     pool = ProcessPoolExecutor(workers, initializer=_worker_init) if workers > 1 else None
     try:
-        series, bad = _scan(files, pool, progress)
+        series, bad = _scan(files, pool, workers, progress)
         with StoreWriter(store_dir, image_size=recipe.prep.size, shard_size=recipe.shard_size, info=info) as w:
             todo = [s for s in series if not w.is_done(s.series_uid)]
             resumed = len(series) - len(todo)
