@@ -136,3 +136,15 @@ def test_resume_with_other_settings_refused(tmp_path):
         SliceStore(tmp_path / "nothing")
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["units"]["a"]["n"] == 1
+
+
+def test_reader_keeps_a_bounded_number_of_shards_mapped(tmp_path):
+    from dompre.data.store import MAX_OPEN_SHARDS
+    n_units = MAX_OPEN_SHARDS * 3
+    write(tmp_path / "s", {f"u{i}": 2 for i in range(n_units)}, shard_size=2)  # one shard per unit
+    store = SliceStore(tmp_path / "s")
+    assert [int(store[i][0, 0, 0]) for i in range(len(store))] == list(range(2 * n_units))
+    assert len(store._maps) == MAX_OPEN_SHARDS  # a full pass leaves only the most recent shards mapped
+    np.testing.assert_array_equal(store.images([0, 2 * n_units - 1, 1])[:, 0, 0, 0], [0, 2 * n_units - 1, 1])
+    assert 0 in store._maps and len(store._maps) == MAX_OPEN_SHARDS
+    assert len(pickle.loads(pickle.dumps(store.dataset()))[3]["image"]) == 3  # workers reopen maps after pickling

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -35,6 +36,7 @@ import pandas as pd
 import torch
 
 MANIFEST = "manifest.json"
+MAX_OPEN_SHARDS = 8  # shard maps a reader keeps open (LRU)
 REPORT = "report.json"  # an ingest job's list of every unit with its status and skip reason
 VERSION = 1
 META_DEFAULTS: dict[str, Any] = {"source": "", "series_uid": "", "patient": "", "z": float("nan"),
@@ -262,7 +264,7 @@ class SliceStore:
         self._names = [s["name"] for s in m["shards"]]
         sizes = np.array([s["n"] for s in m["shards"]], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(sizes)])
-        self._maps: dict[int, np.ndarray] = {}
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()  # LRU of open shard maps
         self._meta: pd.DataFrame | None = None
         self._labels: np.ndarray | None = None
 
@@ -270,6 +272,8 @@ class SliceStore:
         return int(self._offsets[-1])
 
     def _shard(self, k: int) -> np.ndarray:
+        """Shard ``k`` memory-mapped; only the ``MAX_OPEN_SHARDS`` most recent stay mapped, so the pages a
+        long pass has read are unmapped behind it and resident memory does not grow with the store."""
         arr = self._maps.get(k)
         if arr is None:
             arr = np.load(self.path / "shards" / f"{self._names[k]}.npy", mmap_mode="r")
@@ -277,6 +281,10 @@ class SliceStore:
                 raise ValueError(f"{self.path}: shard {self._names[k]} holds {arr.shape[0]} items, manifest says "
                                  f"{self._offsets[k + 1] - self._offsets[k]}; the store is damaged")
             self._maps[k] = arr
+            while len(self._maps) > MAX_OPEN_SHARDS:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(k)
         return arr
 
     def _locate(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -334,7 +342,7 @@ class SliceStore:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_maps"] = {}  # memory maps are reopened in each DataLoader worker, never pickled
+        state["_maps"] = OrderedDict()  # memory maps are reopened in each DataLoader worker, never pickled
         return state
 
 
