@@ -102,6 +102,29 @@ def test_resume_after_failure_gives_same_metrics(stores, reference, tmp_path, de
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)  # bit-identical student
 
 
+def test_sigkill_mid_student_then_same_command_continues(stores, reference, tmp_path):
+    """A real kill -9 of `python dompre/noisy_student.py` once the student has saved a state, then a rerun."""
+    import signal
+    import time
+    out, recipe = tmp_path / "run", tmp_path / "r.yaml"
+    recipe.write_text("seed: 0\n")
+    cmd = [sys.executable, str(ROOT / "dompre" / "noisy_student.py"), str(recipe),
+           *_overrides(stores, out, **{"student.labeled_epochs": 3})]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not list((out / "iter1" / "state").glob("step-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before the student saved a state; nothing was killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "iter1" / "metrics.json").exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ref = tmp_path / "ref"
+    _run(stores, ref, **{"student.labeled_epochs": 3})
+    assert _final(out) == _final(ref)
+
+
 def test_clear_errors(stores, tmp_path):
     with pytest.raises(ValueError, match="has no labels"):
         _run(stores, tmp_path / "x", **{"data.labeled_store": str(stores / "unl")})
