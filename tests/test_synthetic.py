@@ -275,3 +275,13 @@ def test_cli_synth_prints_a_summary(tmp_path, capsys):
     assert line.startswith("dompre synth: 1 patients") and "1 DeepLesion series" in line
     assert main(["synth", str(tmp_path / "d"), "--patients", "1", "--quirk-rate", "2"]) == 2
     assert "quirk_rate must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_lesions_per_patient_sets_how_many_lesions_are_drawn():
+    from dompre.data.phantom import make_lesions, sample_patient, slice_positions
+    p = sample_patient(np.random.default_rng([0, 1]), matrix=64, max_slices=40)  # a whole-body patient
+    zr = (float(slice_positions(p).min()), float(slice_positions(p).max()))
+    assert [len(make_lesions(p, zr, n)) for n in ((0, 0), (6, 6), (10, 10))] == [0, 6, 10]
+    assert 2 <= len(make_lesions(p, zr)) <= 6  # the default range
+    with pytest.raises(ValueError, match="lesions_per_patient"):
+        generate_cohort("unused", patients=1, lesions_per_patient=(3, 1))

@@ -518,13 +518,15 @@ def _lesion(kind: str, z: float, anat: Anatomy, rng: np.random.Generator) -> Les
                   (r, r, r), 40.0, ("soft tissue", "subcutaneous", "nodule"), 7)
 
 
-def make_lesions(params: PatientParams, z_range: tuple[float, float], n: int | None = None) -> list[Lesion]:
-    """Draw 2-6 lesions (or ``n``) of kinds whose organs lie inside the scanned body-frame z range."""
+def make_lesions(params: PatientParams, z_range: tuple[float, float],
+                 n: int | tuple[int, int] | None = None) -> list[Lesion]:
+    """Draw ``n`` lesions (an int, a (low, high) range, default 2-6) of organs inside the scanned z range."""
     rng = np.random.default_rng([params.seed, 1])
     anat = Anatomy(params)
     lo, hi = min(z_range) + 8, max(z_range) - 8
     kinds = [k for k, (a, b) in _LESION_Z.items() if min(b, hi) - max(a, lo) > 5]
-    n = int(rng.integers(2, 7)) if n is None else n
+    lo_n, hi_n = (2, 6) if n is None else (n, n) if isinstance(n, int) else n
+    n = int(rng.integers(lo_n, hi_n + 1))
     out: list[Lesion] = []
     for _ in range(n * 4):
         if len(out) >= n or not kinds:
@@ -634,12 +636,13 @@ def slice_positions(params: PatientParams) -> np.ndarray:
     return z1 - np.arange(n) * params.thickness / params.height
 
 
-def make_phantom(params: PatientParams, *, lesions: bool = True, contrast: bool | None = None) -> Phantom:
+def make_phantom(params: PatientParams, *, lesions: bool = True, contrast: bool | None = None,
+                 lesions_per_patient: tuple[int, int] = (2, 6)) -> Phantom:
     """Render one patient as an HU volume with per-slice body-part terms and lesion boxes.
 
     Args:
         params: the patient (see :func:`sample_patient`).
-        lesions: paint 2-6 lesions of organs inside the scan range.
+        lesions: paint lesions of organs inside the scan range (``lesions_per_patient``: how many, low-high).
         contrast: override ``params.contrast`` (e.g. a non-contrast series of the same anatomy).
     """
     if contrast is not None and contrast != params.contrast:
@@ -653,7 +656,7 @@ def make_phantom(params: PatientParams, *, lesions: bool = True, contrast: bool 
     b_max = max(anat.outline(float(z))[1] for z in zz)
     y_table = b_max * 0.98 + 12 + params.shift[1]
     bg = _background(params, xs, y_table)
-    les = make_lesions(params, (float(zs.min()), float(zs.max()))) if lesions else []
+    les = make_lesions(params, (float(zs.min()), float(zs.max())), tuple(lesions_per_patient)) if lesions else []
     hu = np.empty((len(zs), n, n), np.float32)
     labels, boxes = [], []
     noise_rng = np.random.default_rng([params.seed, 2])

@@ -520,6 +520,7 @@ def generate_cohort(
     labeled_fraction: float = 0.25,
     quirk_rate: float = 0.1,
     lesions: bool = True,
+    lesions_per_patient: tuple[int, int] = (2, 6),
     matrix: int = 256,
     max_slices: int = 240,
     preview: bool = False,
@@ -537,7 +538,8 @@ def generate_cohort(
         labeled_fraction: share of patients written as the labeled DeepLesion share when ``layout="both"``.
         quirk_rate: probability per DICOM series of each scanner quirk (unsigned storage with intercept
             -1024, shuffled InstanceNumber, a scout in the same folder; RLE compression at half the rate).
-        lesions: paint 2-6 lesions per patient.
+        lesions: paint lesions, ``lesions_per_patient`` (low, high) per patient (more give the labeled share
+            more key slices).
         matrix: image size (256 default; 512 works, slower).
         max_slices: thickness is drawn (1-5 mm) among values that keep each series within about this many
             slices; thicker slices beyond 5 mm only when the coverage needs them.
@@ -552,6 +554,8 @@ def generate_cohort(
         raise ValueError(f"patients must be >= 1, got {patients}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
+    if not 0 <= lesions_per_patient[0] <= lesions_per_patient[1]:
+        raise ValueError(f"lesions_per_patient must be (low, high) with 0 <= low <= high, got {lesions_per_patient}")
     for name, v in (("labeled_fraction", labeled_fraction), ("quirk_rate", quirk_rate)):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {v}")
@@ -573,7 +577,7 @@ def generate_cohort(
     try:
         for i in tqdm(range(patients), desc="synth patients", unit="patient", disable=not progress):
             params = sample_patient(np.random.default_rng([seed, i]), matrix=matrix, max_slices=max_slices)
-            ph = make_phantom(params, lesions=lesions)
+            ph = make_phantom(params, lesions=lesions, lesions_per_patient=lesions_per_patient)
             pid = f"SYN{i:05d}"
             study_uid, series_uid = derive_uid(seed, i, "study"), derive_uid(seed, i, "series", 1)
             info = {"patient_id": pid, "coverage": params.coverage, "slices": int(ph.hu.shape[0]),
@@ -600,7 +604,8 @@ def generate_cohort(
         _write_preview(out / "preview.png", previews)
     meta = {
         "generator": "dompre.data.synthetic", "seed": seed, "patients": patients, "layout": layout,
-        "labeled_fraction": labeled_fraction, "quirk_rate": quirk_rate, "lesions": lesions, "matrix": matrix,
+        "labeled_fraction": labeled_fraction, "quirk_rate": quirk_rate, "lesions": lesions,
+        "lesions_per_patient": list(lesions_per_patient), "matrix": matrix,
         "max_slices": max_slices,
         "counts": {"dicom_series": sum(s["layout"] == "dicom" for s in series),
                    "deeplesion_series": sum(s["layout"] == "deeplesion" for s in series),
