@@ -199,3 +199,25 @@ def test_missing_path_is_file_not_found(tmp_path):
         read_series(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         scan_tree(tmp_path / "nope")
+
+
+def test_jpeg_ls_lossless_series_from_a_real_file_decodes(tmp_path):
+    """pydicom ships an MR slice in JPEG-LS lossless and the same pixels uncompressed; made into a CT series."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import CTImageStorage, JPEGLSLossless
+    ref = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array.astype(np.float32)
+    series_uid = generate_uid()
+    for k in range(3):
+        ds = pydicom.dcmread(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"))
+        assert ds.file_meta.TransferSyntaxUID == JPEGLSLossless
+        ds.Modality, ds.SOPClassUID = "CT", CTImageStorage
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, generate_uid()
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, 2.0 * (2 - k)]
+        ds.PixelSpacing, ds.SliceThickness, ds.InstanceNumber = [0.5, 0.5], 2.0, k + 1
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.save_as(tmp_path / f"s{k}.dcm")
+    vol = read_series(tmp_path)
+    assert vol.hu.shape == (3, *ref.shape) and tuple(vol.spacing) == pytest.approx((2.0, 0.5, 0.5))
+    np.testing.assert_array_equal(vol.hu[1], ref - 1024)
