@@ -284,7 +284,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"demo: {s['verdict']}")
     d = s["downstream"]
     cells = "; ".join(f"{r['init']} init {r['mean']:.4f} ± {r['std']:.4f}" for r in d["summary"])
-    print(f"demo: downstream lesion type ({d['metric']}, {len(d['summary'])} inits x 2 seeds): {cells}")
+    print(f"demo: downstream lesion type ({d['metric']}, {len(d['summary'])} inits x {d['summary'][0]['n']} seeds): {cells}")
     print(f"demo: report {s['report']}; backbone {s['backbone']}; wall time {s['times_s']['total']} s")
     return 0
 

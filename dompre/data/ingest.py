@@ -12,8 +12,8 @@ import dataclasses
 import logging
 import os
 import re
-from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -121,25 +121,21 @@ def _scan(files: list[Path], pool: ProcessPoolExecutor | None, workers: int, pro
 
 def _results(todo: list[SeriesInfo], cfg: PrepConfig, root: str, pool: ProcessPoolExecutor | None,
              workers: int) -> Iterator[dict]:
-    """Process series, at most 2 per worker in flight so memory stays bounded; longest first across workers,
-    so that no worker is left with a long series at the end."""
+    """Process series longest first (so no worker is left with a long series at the end), at most 2 per worker
+    in flight so memory stays bounded, and yield them in that fixed order: the store's item order then does
+    not depend on the number of workers or on which finished first."""
+    order = sorted(todo, key=lambda s: (-s.n_files, s.series_uid))
     if pool is None:
-        for info in todo:
+        for info in order:
             yield process_series(info, cfg, root)
         return
-    queue = iter(sorted(todo, key=lambda s: -s.n_files))
-    running = set()
-    for info in queue:
-        running.add(pool.submit(process_series, info, cfg, root))
+    running: deque = deque()
+    for info in order:
+        running.append(pool.submit(process_series, info, cfg, root))
         if len(running) >= 2 * workers:
-            break
+            yield running.popleft().result()
     while running:
-        done, running = wait(running, return_when=FIRST_COMPLETED)
-        for fut in done:
-            yield fut.result()
-            nxt = next(queue, None)
-            if nxt is not None:
-                running.add(pool.submit(process_series, nxt, cfg, root))
+        yield running.popleft().result()
 
 
 def _reason_kind(reason: str) -> str:
