@@ -34,6 +34,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from dompre._io import write_atomic
 from dompre.models.maknet import CT_HU_WINDOW, THREE_SLICE_NOTE
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "export_timm", "WEIGHTS_NAME",
@@ -46,19 +47,6 @@ CHECKPOINT_JSON = "checkpoint.json"
 FORMAT = "dompre-checkpoint"
 _RESERVED = ("arch", "label_names", "num_classes", "model_kwargs")
 DEFAULT_INPUT_SIZE = (3, 256, 256)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _to_json(obj: Any, what: str) -> str:
@@ -119,8 +107,8 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, arch: str
     text = _to_json(record, f"save_checkpoint({directory}): model_kwargs and info")
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    _atomic_write_bytes(directory / WEIGHTS_NAME, st_save(tensors, metadata={"format": "pt", "arch": arch}))
-    _atomic_write_bytes(directory / CHECKPOINT_JSON, text.encode())  # last: its presence marks a whole checkpoint
+    write_atomic(directory / WEIGHTS_NAME, st_save(tensors, metadata={"format": "pt", "arch": arch}))
+    write_atomic(directory / CHECKPOINT_JSON, text.encode())  # last: its presence marks a whole checkpoint
     return directory
 
 

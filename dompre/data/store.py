@@ -35,6 +35,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dompre._io import write_atomic
+
 MANIFEST = "manifest.json"
 MAX_OPEN_SHARDS = 8  # shard maps a reader keeps open (LRU)
 REPORT = "report.json"  # an ingest job's list of every unit with its status and skip reason
@@ -56,19 +58,10 @@ def _fsync_replace(tmp: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_report(store_dir: str | Path, report: dict, summary: dict) -> dict:
     """Write an ingest job's ``report.json`` into the store atomically; return ``summary`` plus its path."""
     path = Path(store_dir) / REPORT
-    _write_atomic(path, json.dumps(report, indent=1).encode())
+    write_atomic(path, json.dumps(report, indent=1).encode())
     return {**summary, "report": str(path)}
 
 
@@ -207,7 +200,7 @@ class StoreWriter:
             f.close()
             self._stream = None
             os.replace(shards / f"{name}.npy.tmp", shards / f"{name}.npy")
-            _write_atomic(shards / f"{name}.jsonl",
+            write_atomic(shards / f"{name}.jsonl",
                           "".join(json.dumps(m) + "\n" for m in self._metas).encode())
             if self.label_names is not None:
                 tmp = shards / f"{name}.labels.npy.tmp"
@@ -216,7 +209,7 @@ class StoreWriter:
                 _fsync_replace(tmp, shards / f"{name}.labels.npy")
             self.manifest["shards"].append({"name": name, "n": self._count})
         self.manifest["units"].update(self._pending)
-        _write_atomic(self.path / MANIFEST, json.dumps(self.manifest).encode())
+        write_atomic(self.path / MANIFEST, json.dumps(self.manifest).encode())
         self._pending, self._metas, self._labels, self._count = {}, [], [], 0
 
     def close(self) -> None:
@@ -224,7 +217,7 @@ class StoreWriter:
         self._open_unit = []
         self.flush()
         if not (self.path / MANIFEST).is_file():
-            _write_atomic(self.path / MANIFEST, json.dumps(self.manifest).encode())
+            write_atomic(self.path / MANIFEST, json.dumps(self.manifest).encode())
 
     def abort(self) -> None:
         """Drop everything not yet written (used when the job fails; a rerun redoes those units)."""

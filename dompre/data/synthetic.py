@@ -32,6 +32,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from dompre._io import write_atomic
 from dompre.data.phantom import (
     BODY_PART_EXAMINED,
     BODY_TERMS,
@@ -384,12 +385,6 @@ def _nums(values: Sequence[float]) -> str:
     return ", ".join(f"{float(v):.6g}" for v in values)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _splits(labeled: list[int], rng: np.random.Generator) -> dict[int, int]:
     """Patient -> Train_Val_Test code (1 train, 2 val, 3 test), about 70/15/15, val and test non-empty from 3."""
     order = [labeled[i] for i in rng.permutation(len(labeled))]
@@ -500,8 +495,8 @@ class _CohortWriter:
             js[f"{split}_uncertain_labels"] = unc
             if split == "train":
                 js["train_irrelevant_labels"] = [[] for _ in idx]
-        _atomic_text(dl / "text_mined_labels_171_and_split.json", json.dumps(js))
-        _atomic_text(dl / "hand_labeled_test_set.json", json.dumps(hand, indent=1))
+        write_atomic(dl / "text_mined_labels_171_and_split.json", json.dumps(js))
+        write_atomic(dl / "hand_labeled_test_set.json", json.dumps(hand, indent=1))
         tmp = dl / ".lesion_ontology.csv.tmp"
         with open(tmp, "w", newline="") as f:
             wr = csv.writer(f)
@@ -615,7 +610,7 @@ def generate_cohort(
                               for q in ("unsigned", "shuffled", "scout", "rle")}},
         "term_list": [r[2] for r in TERMS], "body_terms": BODY_TERMS, "series": series,
     }
-    _atomic_text(out / "cohort.json", json.dumps(meta, indent=1))
+    write_atomic(out / "cohort.json", json.dumps(meta, indent=1))
     return meta
 
 
