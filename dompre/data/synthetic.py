@@ -32,7 +32,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dompre._io import write_atomic
+from dompre._io import save_figure, write_atomic
 from dompre.data.phantom import (
     BODY_PART_EXAMINED,
     BODY_TERMS,
@@ -668,7 +668,4 @@ def _write_preview(path: Path, picks: list[tuple[str, np.ndarray, list[str]]]) -
         text = ", ".join(labels)
         ax.set_title(f"{reg}: " + "\n".join(text[j:j + 48] for j in range(0, len(text), 48)), fontsize=6)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=80)

@@ -1,15 +1,14 @@
 """Figures people can look at: the windowed slice, the attribution overlay and the top-5 labels (matplotlib Agg)."""
 from __future__ import annotations
 
-import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
+
+from dompre._io import save_figure
 
 View = Literal["gray", "rgb"]
 STATUS_COLOURS = {"TP": "#1a9850", "FP": "#d73027", "uncertain": "#8c8c8c", "": "#4575b4"}
@@ -116,13 +115,7 @@ def _save(fig, path: Path) -> Path:
     """Write the figure atomically (temp name in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def _figure(*args, **kwargs):

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -13,6 +11,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
+from dompre._io import write_atomic
 from dompre.explain import attribution as A
 from dompre.explain import figures as F
 from dompre.explain import perturb as P
@@ -54,11 +53,7 @@ def _file_stem(name: str) -> str:
 
 def _write_csv(table: pd.DataFrame, path: Path) -> Path:
     """Write a table atomically."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
-        table.to_csv(f)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, table.to_csv())
 
 
 def _attribute(pm: A.PixelModel, x, t: int, method: str, layer: str | None,

@@ -2,11 +2,12 @@
 and the study's metric-versus-freeze chart. Each function writes one PNG atomically and returns its path."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from dompre._io import save_figure
 
 
 def _plt():
@@ -17,12 +18,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    _plt().close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=100, bbox_inches="tight")
 
 
 def plot_roc(scores: np.ndarray, labels: np.ndarray, names: Sequence[str], path: Path, max_curves: int = 20) -> Path:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from dompre._io import save_figure, write_atomic
 from dompre.train.engine import InputPrep, predict
 from dompre.train.metrics import choose_thresholds, lesanet_eval
 
@@ -58,9 +58,7 @@ def _num(v) -> float | None:
 
 def write_json(path: Path, data: dict) -> None:
     """Atomic JSON write."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1))
 
 
 def iteration_table(results: list[dict]) -> list[dict]:
@@ -91,16 +89,12 @@ def write_report_tables(out_dir: Path, results: list[dict]) -> dict[str, Path]:
     df = pd.DataFrame(rows)
     df = df.loc[:, [c for c in df.columns if df[c].notna().any()]]
     paths = {"csv": out_dir / "metrics.csv", "md": out_dir / "metrics.md", "png": out_dir / "metrics.png"}
-    tmp = paths["csv"].with_suffix(".csv.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, paths["csv"])
+    write_atomic(paths["csv"], df.to_csv(index=False))
     header = "| " + " | ".join(df.columns) + " |"
     lines = [header, "|" + "---|" * len(df.columns)]
     lines += ["| " + " | ".join(_fmt(v if not (isinstance(v, float) and math.isnan(v)) else None)
                                 for v in rec) + " |" for rec in df.itertuples(index=False)]
-    tmp = paths["md"].with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, paths["md"])
+    write_atomic(paths["md"], "\n".join(lines) + "\n")
     _plot(df, paths["png"])
     return paths
 
@@ -122,7 +116,4 @@ def _plot(df, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name("tmp-" + path.name)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=100)

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dompre._io import write_atomic
 from dompre.recipes import PATH, load_recipe, save_recipe
 
 log = logging.getLogger(__name__)
@@ -446,9 +447,7 @@ def evaluate(task: str, val: dict, test: dict, label_names: list[str], parents=N
 
 
 def _write_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
 def prepare_data(recipe: FinetuneRecipe):
