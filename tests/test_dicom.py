@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
-from dompre.data.dicom import SeriesError, discover_series, read_series, scan_file, scan_tree
+from dompre.data.dicom import SeriesError, _read_native, discover_series, read_series, scan_file, scan_tree
 from dompre.data.synthetic import write_dicom_series, write_scout
 
 SPACING = (2.5, 0.75, 0.75)
@@ -136,7 +136,7 @@ def test_scan_file_reasons(tmp_path):
     header, reason = scan_file(tmp_path / "text.dcm")
     assert header is None and reason
     header, _ = scan_file(f)
-    assert header["modality"] == "CT" and header["patient"] == "P0000"
+    assert header.modality == "CT" and header.patient == "P0000" and header.native is not None
 
 
 def test_duplicates_identical_copy_repaired_else_skipped(tmp_path):
@@ -221,3 +221,81 @@ def test_jpeg_ls_lossless_series_from_a_real_file_decodes(tmp_path):
     vol = read_series(tmp_path)
     assert vol.hu.shape == (3, *ref.shape) and tuple(vol.spacing) == pytest.approx((2.0, 0.5, 0.5))
     np.testing.assert_array_equal(vol.hu[1], ref - 1024)
+
+
+def test_native_files_are_read_without_pydicom_decoding(tmp_path, monkeypatch):
+    """One header parse per file (the scan) and a raw read of the pixels: pydicom's decoder is never asked."""
+    hu = phantom()
+    files = write_dicom_series(tmp_path / "s", hu, spacing=SPACING, unsigned=True)
+    (series,) = discover_series(tmp_path)
+    assert all(h.native is not None for h in series.headers)
+
+    def broken(self):
+        raise RuntimeError("pydicom decoder called")
+    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(broken))
+    vol = read_series(series)
+    assert vol.stored.dtype == np.uint16
+    np.testing.assert_array_equal(vol.hu, hu)
+    rle = write_dicom_series(tmp_path / "r", hu, spacing=SPACING, transfer_syntax=RLELossless)
+    assert scan_file(rle[0])[0].native is None and len(files) == 8  # compressed: decoded by pydicom or GDCM
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_unused_high_bits_and_implicit_vr_match_pydicom(tmp_path, signed):
+    """BitsStored 12 of 16 with junk in the top 4 bits: masked (unsigned) or sign-extended (signed) exactly as
+    pydicom does; the files are also rewritten as Implicit VR Little Endian."""
+    from pydicom.uid import ImplicitVRLittleEndian
+    hu = phantom()
+    files = write_dicom_series(tmp_path / "s", hu, spacing=SPACING, unsigned=not signed)
+    rng = np.random.default_rng(3)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        arr = ds.pixel_array.view(np.uint16) & 0x0FFF
+        arr = arr | (rng.integers(0, 16, arr.shape, dtype=np.uint16) << 12)  # junk in the unused bits
+        ds.BitsStored, ds.HighBit = 12, 11
+        ds.PixelData = arr.astype("<u2").tobytes()
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        ds.save_as(f, enforce_file_format=True)
+    vol = read_series(files)
+    assert all(scan_file(f)[0].native is not None for f in files)
+    ref = np.stack([pydicom.dcmread(f).pixel_array for f in files]).astype(np.float32)
+    ref = ref * float(pydicom.dcmread(files[0]).RescaleSlope) + float(pydicom.dcmread(files[0]).RescaleIntercept)
+    np.testing.assert_array_equal(vol.hu, ref)
+
+
+def test_header_scan_and_raw_pixels_match_pydicom_on_its_shipped_files():
+    """pydicom's own test files (real scanner output among them: CT_small.dcm, MR_small*.dcm) and its
+    deliberately broken ones: the scan's values equal pydicom's, raw pixels equal ``pixel_array``, and what
+    the raw path cannot read exactly (big endian, compressed, short pixel data) is left to pydicom."""
+    import warnings
+    folder = Path(pydicom.__file__).parent / "data" / "test_files"
+    native = []
+    for f in sorted(folder.glob("*.dcm")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ds = pydicom.dcmread(f, force=True)
+            except Exception:  # noqa: BLE001 - files pydicom cannot read are not compared
+                continue
+            header, _ = scan_file(f)
+            if header is None:
+                assert not ds.get("SeriesInstanceUID"), f.name
+                continue
+            assert (header.series_uid, header.patient, header.modality, header.sop_uid) == (
+                ds.SeriesInstanceUID, str(ds.get("PatientID", "") or ""), str(ds.get("Modality", "") or ""),
+                str(ds.get("SOPInstanceUID", "") or "")), f.name
+            if ds.get("ImagePositionPatient"):
+                assert header.position == tuple(float(v) for v in ds.ImagePositionPatient), f.name
+            if header.native is None:
+                continue
+            raw = _read_native(f, header.native)
+            try:
+                ref = ds.pixel_array
+            except Exception:  # noqa: BLE001
+                assert raw is None or f.name == "badVR.dcm", f.name  # badVR: an unreadable tag pydicom needs
+                continue
+            assert raw is not None and raw.dtype == ref.dtype and np.array_equal(raw, ref), f.name
+            native.append(f.name)
+    assert {"CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm"} <= set(native)
+    assert scan_file(folder / "MR_small_bigendian.dcm")[0].native is None
+    assert scan_file(folder / "MR_small_RLE.dcm")[0].native is None

@@ -15,37 +15,65 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_partial
-from pydicom.pixels import pixel_array
-from pydicom.tag import Tag
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 log = logging.getLogger(__name__)
 
-_HEADER_TAGS = [Tag(k) for k in ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Modality", "SOPClassUID",
-                                  "SeriesDescription", "NumberOfFrames", "BodyPartExamined")]
-_HEADER_END = max(_HEADER_TAGS)  # the scan stops parsing after the last tag it needs
-# read_series' tags besides group 0028 (which pydicom's pixel_array always reads)
-_SLICE_TAGS = [Tag(k) for k in ("SOPInstanceUID", "Modality", "ImageType", "PatientID", "StudyInstanceUID",
-                                "SeriesInstanceUID", "BodyPartExamined", "ImagePositionPatient",
-                                "ImageOrientationPatient", "InstanceNumber", "PerFrameFunctionalGroupsSequence",
-                                "SharedFunctionalGroupsSequence")]
 _GAP_FACTOR = 1.5        # a step larger than this × the median step is a missing slice
 _JITTER = 0.2            # steps within ±20 % of the median are regular
+_NATIVE_LE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+_TAG = {k: tag_for_keyword(k) for k in (
+    "SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Modality", "SeriesDescription", "BodyPartExamined",
+    "NumberOfFrames", "SOPInstanceUID", "ImageType", "ImagePositionPatient", "ImageOrientationPatient",
+    "InstanceNumber", "RescaleSlope", "RescaleIntercept", "PixelSpacing", "WindowCenter", "WindowWidth", "Rows",
+    "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel")}
+_SHARED = ("series_uid", "patient", "study_uid", "modality", "description", "body_part")
 
 
 class SeriesError(ValueError):
     """A series that cannot be used; ``str(e)`` is the reason written to the ingest report."""
 
 
+@dataclass(slots=True)
+class FileHeader:
+    """Everything one header parse of a file gives: its series keys, the slice's geometry and rescale, and
+    where its pixel data lie when they are native (uncompressed little-endian), so that reading a series
+    never parses a header a second time. Values are None where the tag is absent or unreadable."""
+    series_uid: str
+    study_uid: str = ""
+    patient: str = ""
+    modality: str = ""
+    description: str = ""
+    body_part: str = ""
+    frames: int = 1
+    sop_uid: str = ""
+    localizer: bool = False
+    position: tuple[float, ...] | None = None       # ImagePositionPatient
+    orientation: tuple[float, ...] | None = None    # ImageOrientationPatient
+    instance: int = 0
+    slope: float | str | None = None                # a string when the value is not a number
+    intercept: float | str | None = None
+    pixel_spacing: tuple[float, ...] | None = None
+    window: tuple[float, float] | None = None       # (low, high) HU from the first WindowCenter/Width
+    signed: bool = False                            # PixelRepresentation 1
+    native: tuple[int, str, int, int, int] | None = None  # (offset, dtype, rows, cols, bits stored) of raw pixels
+
+    @property
+    def multiframe(self) -> bool:
+        return self.frames > 1
+
+
 @dataclass
 class SeriesInfo:
-    """One series found by discovery: its files (unordered) and identifying header values."""
+    """One series found by discovery: its files (sorted), their headers and the series' identifying values."""
     series_uid: str
     files: list[Path] = field(default_factory=list)
     patient: str = ""
@@ -54,6 +82,7 @@ class SeriesInfo:
     description: str = ""
     body_part: str = ""
     multiframe: bool = False
+    headers: list[FileHeader] = field(default_factory=list, repr=False)  # one per file, when scanned
 
     @property
     def n_files(self) -> int:
@@ -62,56 +91,178 @@ class SeriesInfo:
 
 @dataclass
 class CTVolume:
-    """A CT volume: ``hu`` float32 (z, y, x) in Hounsfield units, ``spacing`` (z, y, x) mm, ``meta`` dict.
+    """A CT volume: stored values and per-slice rescale as read, ``spacing`` (z, y, x) mm, ``meta`` dict.
+
+    ``hu`` gives float32 (z, y, x) Hounsfield units (computed once, on first use); ``stored`` holds the files'
+    own integer values, ``hu[k] = stored[k] * slope[k] + intercept[k]``, at half or a quarter of the memory.
 
     ``meta`` keys: patient, study_uid, series_uid, body_part, files (one per slice, in z order; the same file
     repeated for multi-frame), z (slice positions along the normal, mm), window ((low, high) HU or None),
     orientation (6 direction cosines), notes (repairs applied).
     """
-    hu: np.ndarray
+    stored: np.ndarray
+    slope: np.ndarray
+    intercept: np.ndarray
     spacing: tuple[float, float, float]
     meta: dict[str, Any]
 
+    @cached_property
+    def hu(self) -> np.ndarray:
+        hu = np.empty(self.stored.shape, np.float32)
+        for k in range(hu.shape[0]):  # slice by slice: one cast, no volume-sized temporary
+            if self.slope[k] != 1:
+                np.multiply(self.stored[k], self.slope[k], out=hu[k], casting="unsafe")
+            else:
+                hu[k] = self.stored[k]
+            if self.intercept[k] != 0:
+                hu[k] += self.intercept[k]
+        return hu
 
-def _read_header(path: Path) -> pydicom.Dataset:
-    """The grouping tags only; parsing stops after the last of them (about half the cost of the full header)."""
-    with open(path, "rb") as f:
-        return read_partial(f, stop_when=lambda tag, vr, length: tag > _HEADER_END, force=True,
-                            specific_tags=_HEADER_TAGS)
+
+# Header values are read from pydicom's raw elements: its value conversion costs as much as the parse itself.
+def _raw_text(ds: pydicom.Dataset, key: str) -> str | None:
+    elem = ds.get_item(_TAG[key])
+    if elem is None:
+        return None
+    value = elem.value
+    if isinstance(value, bytes):
+        if not value.isascii():  # a non-ASCII character set: pydicom decodes it
+            return str(ds[_TAG[key]].value)
+        return value.decode("ascii").strip(" \x00")
+    return None if value is None else str(value)
 
 
-def scan_file(path: str | Path) -> tuple[dict | None, str]:
-    """Header of one file as a dict of the grouping keys, or (None, reason) when it is not usable DICOM."""
+def _raw_numbers(ds: pydicom.Dataset, key: str) -> tuple[float, ...] | str | None:
+    """A DS/IS value as a tuple of floats; the text itself when it is not numbers; None when absent/empty."""
+    elem = ds.get_item(_TAG[key])
+    if elem is None or elem.value is None:
+        return None
+    value = elem.value
+    if isinstance(value, bytes):
+        text = value.decode("latin-1").strip(" \x00")
+        if not text:
+            return None
+        try:
+            return tuple(float(v) for v in text.split("\\"))
+        except ValueError:
+            return text
+    try:
+        return tuple(float(v) for v in (value if isinstance(value, (list, tuple, pydicom.multival.MultiValue))
+                                        else [value]))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _raw_us(ds: pydicom.Dataset, key: str) -> int | None:
+    elem = ds.get_item(_TAG[key])
+    if elem is None or elem.value is None:
+        return None
+    value = elem.value
+    if isinstance(value, bytes):
+        if len(value) < 2:
+            return None
+        return int.from_bytes(value[:2], "little" if getattr(elem, "is_little_endian", True) else "big")
+    return int(value)
+
+
+def _vector(v: Any, n: int) -> tuple[float, ...] | None:
+    return v if isinstance(v, tuple) and len(v) == n else None
+
+
+def _scalar(v: Any) -> float | str | None:
+    return v[0] if isinstance(v, tuple) else v
+
+
+def _native_location(ds: pydicom.Dataset, f, rows: int | None, cols: int | None
+                     ) -> tuple[int, str, int, int, int] | None:
+    """Where the raw pixel values of a native single-frame file start, read from the Pixel Data element's own
+    header at the file position where pydicom stopped; None for anything else (decoded by pydicom)."""
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    bits, stored = _raw_us(ds, "BitsAllocated"), _raw_us(ds, "BitsStored")
+    if (ts not in _NATIVE_LE or not rows or not cols or bits not in (8, 16, 32)
+            or (_raw_us(ds, "SamplesPerPixel") or 1) != 1):
+        return None
+    at = f.tell()
+    head = f.read(12)
+    if len(head) < 8 or head[:4] != b"\xe0\x7f\x10\x00":
+        return None
+    if ts == ExplicitVRLittleEndian:
+        if len(head) < 12 or head[4:6] not in (b"OW", b"OB"):
+            return None
+        length, offset = int.from_bytes(head[8:12], "little"), at + 12
+    else:
+        length, offset = int.from_bytes(head[4:8], "little"), at + 8
+    if length == 0xFFFFFFFF or length < rows * cols * bits // 8:
+        return None
+    signed = _raw_us(ds, "PixelRepresentation") == 1
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}").str
+    return offset, dtype, rows, cols, stored if stored and 0 < stored < bits else bits
+
+
+def _file_header(ds: pydicom.Dataset, f=None) -> FileHeader:
+    """The :class:`FileHeader` of a dataset read up to its pixel data (``f``: the open file, positioned there)."""
+    frames = _scalar(_raw_numbers(ds, "NumberOfFrames"))
+    valid_frames = frames is None or (isinstance(frames, float) and frames >= 1 and frames.is_integer())
+    image_type = (_raw_text(ds, "ImageType") or "").upper().split("\\")
+    center, width = _scalar(_raw_numbers(ds, "WindowCenter")), _scalar(_raw_numbers(ds, "WindowWidth"))
+    window = (center - width / 2.0, center + width / 2.0) if (
+        isinstance(center, float) and isinstance(width, float) and width > 0) else None
+    rows, cols = _raw_us(ds, "Rows"), _raw_us(ds, "Columns")
+    instance = _scalar(_raw_numbers(ds, "InstanceNumber"))
+    frames = int(frames) if valid_frames and frames is not None else 1
+    return FileHeader(
+        series_uid=_raw_text(ds, "SeriesInstanceUID") or "", study_uid=_raw_text(ds, "StudyInstanceUID") or "",
+        patient=_raw_text(ds, "PatientID") or "", modality=_raw_text(ds, "Modality") or "",
+        description=_raw_text(ds, "SeriesDescription") or "", body_part=_raw_text(ds, "BodyPartExamined") or "",
+        frames=frames, sop_uid=_raw_text(ds, "SOPInstanceUID") or "",
+        localizer="LOCALIZER" in image_type or "SCOUT" in image_type,
+        position=_vector(_raw_numbers(ds, "ImagePositionPatient"), 3), orientation=_vector(_raw_numbers(ds, "ImageOrientationPatient"), 6),
+        instance=int(instance) if isinstance(instance, float) else 0,
+        slope=_scalar(_raw_numbers(ds, "RescaleSlope")), intercept=_scalar(_raw_numbers(ds, "RescaleIntercept")),
+        pixel_spacing=_vector(_raw_numbers(ds, "PixelSpacing"), 2), window=window,
+        signed=_raw_us(ds, "PixelRepresentation") == 1,
+        native=_native_location(ds, f, rows, cols) if f is not None and frames == 1 and valid_frames else None)
+
+
+def scan_file(path: str | Path) -> tuple[FileHeader | None, str]:
+    """The header of one file, or (None, reason) when it is not usable DICOM. One parse, up to the pixel data."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             return None, "zero-byte file"
-        ds = _read_header(path)
+        with open(path, "rb") as f:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+            header = _file_header(ds, f)
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, IndexError) as e:
         return None, f"not readable as DICOM ({type(e).__name__}: {e})"
-    uid = str(ds.get("SeriesInstanceUID", "") or "")
-    if not uid:
+    if not header.series_uid:
         return None, "not a DICOM image (no SeriesInstanceUID)"
-    return {"series_uid": uid, "study_uid": str(ds.get("StudyInstanceUID", "") or ""),
-            "patient": str(ds.get("PatientID", "") or ""), "modality": str(ds.get("Modality", "") or ""),
-            "description": str(ds.get("SeriesDescription", "") or ""),
-            "body_part": str(ds.get("BodyPartExamined", "") or ""),
-            "multiframe": int(ds.get("NumberOfFrames", 1) or 1) > 1}, ""
+    return header, ""
 
 
-def group_headers(items: Iterable[tuple[Path, dict]]) -> list[SeriesInfo]:
-    """Group (path, header dict) pairs by SeriesInstanceUID; series sorted by patient, study, uid."""
+def group_headers(items: Iterable[tuple[Path, FileHeader]]) -> list[SeriesInfo]:
+    """Group (path, header) pairs by SeriesInstanceUID; series sorted by patient, study, uid.
+
+    Headers of one series share their series-level strings and orientation, so that a scan of a whole
+    archive keeps a few hundred bytes per file."""
     series: dict[str, SeriesInfo] = {}
+    shared: dict[Any, Any] = {}
     for path, h in items:
-        info = series.get(h["series_uid"])
+        info = series.get(h.series_uid)
         if info is None:
-            info = series[h["series_uid"]] = SeriesInfo(
-                h["series_uid"], [], h["patient"], h["study_uid"], h["modality"], h["description"],
-                h["body_part"], h["multiframe"])
+            info = series[h.series_uid] = SeriesInfo(h.series_uid, [], h.patient, h.study_uid, h.modality,
+                                                     h.description, h.body_part, h.multiframe)
+        for key in _SHARED:
+            if getattr(h, key) == getattr(info, key):
+                setattr(h, key, getattr(info, key))
+        h.orientation = shared.setdefault(h.orientation, h.orientation)
         info.files.append(path)
-        info.multiframe = info.multiframe or h["multiframe"]
+        info.headers.append(h)
+        info.multiframe = info.multiframe or h.multiframe
     for info in series.values():
-        info.files.sort()
+        order = sorted(range(len(info.files)), key=info.files.__getitem__)
+        info.files = [info.files[i] for i in order]
+        info.headers = [info.headers[i] for i in order]
     return sorted(series.values(), key=lambda s: (s.patient, s.study_uid, s.series_uid))
 
 
@@ -169,42 +320,48 @@ def _fg(ds: pydicom.Dataset, frame: int | None, seq: str, attr: str) -> Any:
 
 @dataclass
 class _Slice:
+    file: Path
+    h: FileHeader                     # the header of its file
     pos: np.ndarray | None
     orient: np.ndarray | None
     instance: int
-    slope: float | None
-    intercept: float | None
+    slope: float | str | None
+    intercept: float | str | None
     spacing: np.ndarray | None
-    file: Path
-    ds: pydicom.Dataset
-    frame: int | None = None
-    pixels: np.ndarray | None = None  # stored values of the whole file, when decoded while reading
+    frame: int | None = None          # frame index in an enhanced multi-frame file
+    ds: pydicom.Dataset | None = None  # the whole dataset, once read (multi-frame files)
 
 
-def _slices_of(path: Path, ds: pydicom.Dataset, pixels: np.ndarray | None = None) -> list[_Slice]:
-    n = int(ds.get("NumberOfFrames", 1) or 1)
-    if n <= 1:
-        return [_Slice(_floats(ds.get("ImagePositionPatient"), 3), _floats(ds.get("ImageOrientationPatient"), 6),
-                       int(ds.get("InstanceNumber", 0) or 0), ds.get("RescaleSlope"), ds.get("RescaleIntercept"),
-                       _floats(ds.get("PixelSpacing"), 2), path, ds, None, pixels)]
-    out = []
-    for i in range(n):
-        out.append(_Slice(_floats(_fg(ds, i, "PlanePositionSequence", "ImagePositionPatient"), 3),
-                          _floats(_fg(ds, i, "PlaneOrientationSequence", "ImageOrientationPatient"), 6), i + 1,
-                          _fg(ds, i, "PixelValueTransformationSequence", "RescaleSlope"),
-                          _fg(ds, i, "PixelValueTransformationSequence", "RescaleIntercept"),
-                          _floats(_fg(ds, i, "PixelMeasuresSequence", "PixelSpacing"), 2), path, ds, i, pixels))
-    return out
+def _arr(v: tuple[float, ...] | None) -> np.ndarray | None:
+    return None if v is None else np.asarray(v, dtype=np.float64)
 
 
-def _is_localizer(ds: pydicom.Dataset) -> bool:
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
-    return "LOCALIZER" in image_type or "SCOUT" in image_type
+def _read_full(f: Path) -> pydicom.Dataset:
+    try:
+        ds = pydicom.dcmread(f, force=True)
+    except Exception as e:  # noqa: BLE001 - a broken file makes the series unusable, with its name
+        raise SeriesError(f"cannot read {f.name}: {type(e).__name__}: {e}") from None
+    if "PixelData" not in ds:
+        raise SeriesError(f"{f.name} has no pixel data")
+    return ds
+
+
+def _slices_of(path: Path, h: FileHeader) -> list[_Slice]:
+    """The slices of one file: itself, or each frame of an enhanced multi-frame file (read whole here)."""
+    if h.frames <= 1:
+        return [_Slice(path, h, _arr(h.position), _arr(h.orientation), h.instance, h.slope, h.intercept,
+                       _arr(h.pixel_spacing))]
+    ds = _read_full(path)
+    return [_Slice(path, h, _floats(_fg(ds, i, "PlanePositionSequence", "ImagePositionPatient"), 3),
+                   _floats(_fg(ds, i, "PlaneOrientationSequence", "ImageOrientationPatient"), 6), i + 1,
+                   _fg(ds, i, "PixelValueTransformationSequence", "RescaleSlope"),
+                   _fg(ds, i, "PixelValueTransformationSequence", "RescaleIntercept"),
+                   _floats(_fg(ds, i, "PixelMeasuresSequence", "PixelSpacing"), 2), i, ds) for i in range(h.frames)]
 
 
 def _drop_scouts(slices: list[_Slice], notes: list[str]) -> list[_Slice]:
     """Drop localizers and slices whose orientation differs from the majority."""
-    kept = [s for s in slices if not _is_localizer(s.ds)]
+    kept = [s for s in slices if not s.h.localizer]
     if len(kept) < len(slices):
         notes.append(f"dropped {len(slices) - len(kept)} localizer/scout image(s)")
     if not kept:
@@ -233,7 +390,7 @@ def _order(slices: list[_Slice], notes: list[str]) -> tuple[list[_Slice], np.nda
 
 
 def _sop(s: _Slice) -> str:
-    return "" if s.frame is not None else str(s.ds.get("SOPInstanceUID", "") or "")
+    return "" if s.frame is not None else s.h.sop_uid
 
 
 def _check_z(slices: list[_Slice], z: np.ndarray, notes: list[str]) -> tuple[list[_Slice], np.ndarray]:
@@ -261,17 +418,27 @@ def _check_z(slices: list[_Slice], z: np.ndarray, notes: list[str]) -> tuple[lis
     return slices, z
 
 
+def _number(s: _Slice, key: str, default: float) -> float:
+    value = getattr(s, key)
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        name = "RescaleSlope" if key == "slope" else "RescaleIntercept"
+        raise SeriesError(f"{name} {value!r} in {s.file.name} is not a number; HU cannot be known") from None
+
+
 def _rescale(slices: list[_Slice], notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Per-slice (slope, intercept); missing tags are safe to default only on signed data."""
     missing = [s for s in slices if s.slope is None or s.intercept is None]
     if missing:
-        signed = int(missing[0].ds.get("PixelRepresentation", 0) or 0) == 1
-        if not signed:
+        if not missing[0].h.signed:
             raise SeriesError(f"missing RescaleSlope/RescaleIntercept on unsigned pixel data "
                               f"({missing[0].file.name}); HU cannot be known")
         notes.append(f"RescaleSlope/RescaleIntercept missing on {len(missing)} signed slice(s): used 1 and 0")
-    slope = np.array([1.0 if s.slope is None else float(s.slope) for s in slices], np.float32)
-    inter = np.array([0.0 if s.intercept is None else float(s.intercept) for s in slices], np.float32)
+    slope = np.array([_number(s, "slope", 1.0) for s in slices], np.float32)
+    inter = np.array([_number(s, "intercept", 0.0) for s in slices], np.float32)
     return slope, inter
 
 
@@ -286,15 +453,38 @@ def _decode_sitk(path: Path, ds: pydicom.Dataset) -> np.ndarray:
     return arr[0] if arr.ndim == 3 and arr.shape[0] == 1 else arr
 
 
-def _decode(s: _Slice) -> np.ndarray:
-    """Stored values of one file: pydicom first, SimpleITK (GDCM) where pydicom fails on compressed data."""
-    if s.pixels is not None:
-        return s.pixels
+def _read_native(path: Path, where: tuple[int, str, int, int, int], out: np.ndarray | None = None
+                 ) -> np.ndarray | None:
+    """Raw stored values straight from the file (what pydicom's native decoder returns, unused high bits
+    corrected the same way), into ``out`` when given; None when the file is shorter than its header says."""
+    offset, dtype, rows, cols, stored = where
+    arr = np.empty((rows, cols), dtype) if out is None else out
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        if f.readinto(arr) != arr.nbytes:
+            return None
+    shift = arr.dtype.itemsize * 8 - stored
+    if shift:  # left then right: masks unsigned values, sign-extends signed ones (as pydicom does)
+        np.left_shift(arr, shift, out=arr)
+        np.right_shift(arr, shift, out=arr)
+    return arr
+
+
+def _decode(s: _Slice, scratch: dict | None = None) -> np.ndarray:
+    """Stored values of a slice's file: raw read for native files, else pydicom (compressed syntaxes through
+    the pylibjpeg plugins), else SimpleITK (GDCM). Native reads go into ``scratch`` buffers when given."""
+    if s.h.native is not None and s.ds is None:
+        _, dtype, rows, cols, _ = s.h.native
+        out = None if scratch is None else scratch.setdefault((dtype, rows, cols), np.empty((rows, cols), dtype))
+        arr = _read_native(s.file, s.h.native, out)
+        if arr is not None:
+            return arr
+    ds = s.ds if s.ds is not None else _read_full(s.file)
     try:
-        return s.ds.pixel_array
+        return ds.pixel_array
     except Exception as e:  # noqa: BLE001 - any decoder failure falls back to GDCM
         try:
-            arr = _decode_sitk(s.file, s.ds)
+            arr = _decode_sitk(s.file, ds)
         except Exception as e2:  # noqa: BLE001
             raise SeriesError(f"pixel data cannot be decoded in {s.file.name} "
                               f"(pydicom: {type(e).__name__}: {e}; SimpleITK: {str(e2).strip()[:120]})") from None
@@ -302,70 +492,63 @@ def _decode(s: _Slice) -> np.ndarray:
         return arr
 
 
-def _hu(slices: list[_Slice], slope: np.ndarray, inter: np.ndarray) -> np.ndarray:
-    """HU float32 (z, y, x) of the ordered slices, filled in place (one cast, no stacked copy)."""
-    hu: np.ndarray | None = None
+def _stored(slices: list[_Slice], alloc: Callable[..., np.ndarray]) -> np.ndarray:
+    """Stored values (z, y, x) of the ordered slices in one ``alloc``-ated array of the files' own dtype;
+    native files are read straight into their plane."""
+    vol: np.ndarray | None = None
     shapes: Counter = Counter()
+    scratch: dict = {}
     last: tuple[Path | None, np.ndarray | None] = (None, None)
     for k, s in enumerate(slices):
-        arr = last[1] if last[0] == s.file else _decode(s)
+        native = s.h.native if s.ds is None else None
+        if native is not None and vol is not None and (native[2], native[3]) == vol.shape[1:] \
+                and np.dtype(native[1]) == vol.dtype and _read_native(s.file, native, vol[k]) is not None:
+            shapes[vol.shape[1:]] += 1
+            continue
+        arr = last[1] if last[0] == s.file else _decode(s, scratch)
         last = (s.file, arr)
         plane = arr[s.frame] if s.frame is not None and arr.ndim == 3 else arr
         shapes[plane.shape] += 1
-        if hu is None:
-            hu = np.empty((len(slices),) + plane.shape, np.float32)
-        if plane.shape != hu.shape[1:]:
+        if vol is None:
+            vol = alloc((len(slices),) + plane.shape, plane.dtype)
+        if plane.shape != vol.shape[1:]:
             continue
-        if slope[k] != 1:
-            np.multiply(plane, slope[k], out=hu[k], casting="unsafe")  # cast and scale in one pass
-        else:
-            hu[k] = plane
-        if inter[k] != 0:
-            hu[k] += inter[k]
+        if not np.can_cast(plane.dtype, vol.dtype):  # e.g. uint16 among int16 files: widen (rare)
+            vol = vol.astype(np.result_type(vol.dtype, plane.dtype))
+        vol[k] = plane
     if len(shapes) > 1:
         raise SeriesError("mixed matrix sizes in one series: " +
                           ", ".join(f"{'x'.join(map(str, k))}: {n}" for k, n in shapes.most_common()))
-    return hu
+    return vol
 
 
-def _read_fast(f: Path) -> tuple[pydicom.Dataset, np.ndarray]:
-    """One pass over the file: the tags read_series uses and the decoded pixels (no full Dataset, no
-    PixelData bytes copy). Raises on anything unusual; :func:`_load` then takes the general path."""
-    ds = pydicom.Dataset()
-    return ds, pixel_array(f, ds_out=ds, specific_tags=_SLICE_TAGS)
-
-
-def _load(files: Sequence[Path]) -> list[_Slice]:
-    slices = []
+def _headers(files: Sequence[Path]) -> list[FileHeader]:
+    out = []
     for f in files:
-        try:
-            slices.extend(_slices_of(Path(f), *_read_fast(f)))
-            continue
-        except Exception:  # noqa: BLE001 - the general path below decides, with its own error messages
-            pass
-        try:
-            ds = pydicom.dcmread(f, force=True)
-        except Exception as e:  # noqa: BLE001 - a broken file makes the series unusable, with its name
-            raise SeriesError(f"cannot read {f.name}: {type(e).__name__}: {e}") from None
-        if "PixelData" not in ds:
-            raise SeriesError(f"{f.name} has no pixel data")
-        slices.extend(_slices_of(Path(f), ds))
-    return slices
+        h, reason = scan_file(f)
+        if h is None:
+            raise SeriesError(f"cannot read {f.name}: {reason}")
+        out.append(h)
+    return out
 
 
-def read_series(path_or_files: str | Path | SeriesInfo | Sequence[str | Path]) -> CTVolume:
-    """Read one CT series into a :class:`CTVolume` (HU, z-ordered).
+def read_series(path_or_files: str | Path | SeriesInfo | Sequence[str | Path], *,
+                alloc: Callable[..., np.ndarray] = np.empty) -> CTVolume:
+    """Read one CT series into a :class:`CTVolume` (z-ordered; ``.hu`` in Hounsfield units).
 
     Args:
         path_or_files: a folder holding exactly one series, a list of its files, or a :class:`SeriesInfo`.
+        alloc: ``alloc(shape, dtype)`` gives the array the stored values are read into (``np.empty``; the
+            ingest job passes a buffer it reuses from series to series).
 
     Raises:
         FileNotFoundError: the path does not exist.
         SeriesError: the series cannot be used (the message is the reason: not CT, single slice, duplicated
             positions, gap in z, mixed matrix sizes, missing rescale on unsigned data, undecodable pixels).
     """
+    headers: list[FileHeader] = []
     if isinstance(path_or_files, SeriesInfo):
-        files = list(path_or_files.files)
+        files, headers = list(path_or_files.files), list(path_or_files.headers)
     elif isinstance(path_or_files, (str, Path)):
         p = Path(path_or_files)
         if p.is_dir():
@@ -373,7 +556,7 @@ def read_series(path_or_files: str | Path | SeriesInfo | Sequence[str | Path]) -
             if len(found) != 1:
                 raise SeriesError(f"{p} holds {len(found)} series; pass one series' files or a SeriesInfo "
                                   f"from discover_series")
-            files = found[0].files
+            files, headers = found[0].files, found[0].headers
         elif p.is_file():
             files = [p]
         else:
@@ -382,31 +565,30 @@ def read_series(path_or_files: str | Path | SeriesInfo | Sequence[str | Path]) -
         files = [Path(f) for f in path_or_files]
     if not files:
         raise SeriesError("no files in series")
+    if len(headers) != len(files):
+        headers = _headers(files)
     notes: list[str] = []
-    slices = _load(files)
-    first = slices[0].ds
-    modality = str(first.get("Modality", "") or "")
-    if modality != "CT":
-        raise SeriesError(f"modality {modality or 'missing'}, not CT")
+    slices = [s for f, h in zip(files, headers) for s in _slices_of(Path(f), h)]
+    first = slices[0]
+    if first.h.modality != "CT":
+        raise SeriesError(f"modality {first.h.modality or 'missing'}, not CT")
     slices = _drop_scouts(slices, notes)
     if len(slices) < 2:
         raise SeriesError("single-slice series (one image; not a volume)")
     slices, z = _order(slices, notes)
     slices, z = _check_z(slices, z, notes)
     slope, inter = _rescale(slices, notes)
-    hu = _hu(slices, slope, inter)
+    stored = _stored(slices, alloc)
     dz = float(np.median(np.diff(z))) if len(z) > 1 else 1.0
     px = slices[0].spacing
     if px is None:
         notes.append("PixelSpacing missing: assumed 1 mm")
         px = np.array([1.0, 1.0])
-    window = _window(first)
-    meta = {"patient": str(first.get("PatientID", "") or ""), "study_uid": str(first.get("StudyInstanceUID", "")),
-            "series_uid": str(first.get("SeriesInstanceUID", "")),
-            "body_part": str(first.get("BodyPartExamined", "") or ""),
-            "files": [s.file for s in slices], "z": z.tolist(), "window": window,
+    window = _window(first.ds) if first.ds is not None else first.h.window
+    meta = {"patient": first.h.patient, "study_uid": first.h.study_uid, "series_uid": first.h.series_uid,
+            "body_part": first.h.body_part, "files": [s.file for s in slices], "z": z.tolist(), "window": window,
             "orientation": None if slices[0].orient is None else slices[0].orient.tolist(), "notes": notes}
-    return CTVolume(hu, (dz, float(px[0]), float(px[1])), meta)
+    return CTVolume(stored, slope, inter, (dz, float(px[0]), float(px[1])), meta)
 
 
 def _window(ds: pydicom.Dataset) -> tuple[float, float] | None:
