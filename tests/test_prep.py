@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from dompre.data.prep import (PrepConfig, crop_body, crop_box, make_stacks, prepare_volume, resample_z,
-                              resize_slices, window_hu, window_hu_monai)
+                              resize_stacks, window_hu, window_hu_monai)
 
 
 def test_window_maps_and_clips():
@@ -43,14 +44,28 @@ def test_crop_without_body_keeps_image():
 
 
 def test_resize_and_keep_aspect_pad():
-    x = np.full((2, 20, 40), 200.0, np.float32)
-    out = resize_slices(x, 32)
-    assert out.shape == (2, 32, 32)
-    np.testing.assert_allclose(out, 200.0)
-    padded = resize_slices(x, 32, keep_aspect=True)
-    assert padded.shape == (2, 32, 32)
-    rows = padded[0].max(axis=1)
-    assert (rows == 0).sum() == 16 and np.allclose(rows[8:24], 200.0)  # 32x16 content centred, 0 above/below
+    x = np.full((2, 3, 20, 40), 200, np.uint8)
+    out = resize_stacks(x, 32)
+    assert out.shape == (2, 3, 32, 32) and out.dtype == np.uint8
+    assert (out == 200).all()
+    padded = resize_stacks(x, 32, keep_aspect=True)
+    assert padded.shape == (2, 3, 32, 32)
+    rows = padded[0, 1].max(axis=1)
+    assert (rows == 0).sum() == 16 and (rows[8:24] == 200).all()  # 32x16 content centred, 0 above/below
+    with pytest.raises(ValueError, match="uint8"):
+        resize_stacks(x.astype(np.float32), 32)
+
+
+def test_resize_is_antialiased_bilinear_on_float_reference():
+    """The uint8 path agrees with float bilinear+antialias resizing within one grey level, and it averages:
+    a one-pixel checkerboard (the worst case for aliasing) comes out as flat grey, not as stripes."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (2, 3, 41, 57), dtype=np.uint8)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(x).float(), (32, 32), mode="bilinear", antialias=True)
+    assert np.abs(resize_stacks(x, 32).astype(int) - np.rint(ref.numpy()).astype(int)).max() <= 1
+    board = (np.indices((48, 48)).sum(0) % 2 * 255).astype(np.uint8)[None, None].repeat(3, 1)
+    flat = resize_stacks(board, 32)
+    assert abs(int(flat.mean()) - 127) <= 1 and flat.std() < 20
 
 
 @pytest.mark.parametrize("z,stride,n,first_centers", [(10, 3, 3, [1, 4, 7]), (9, 3, 3, [1, 4, 7]),
@@ -93,3 +108,22 @@ def test_prep_config_rejects_bad_values():
         PrepConfig(stride=0)
     with pytest.raises(ValueError, match="slice_interval"):
         PrepConfig(slice_interval=0.0)
+
+
+def test_prepare_from_stored_values_equals_prepare_from_hu():
+    """The ingest path windows stored values with the per-slice rescale folded in (no float HU volume):
+    same inputs as from HU, with per-slice slopes/intercepts that differ and a buffer that is reused."""
+    rng = np.random.default_rng(0)
+    hu = body_with_table(z=12)
+    slope = np.where(np.arange(12) % 2, 0.5, 1.0).astype(np.float32)
+    inter = np.where(np.arange(12) < 6, -1024.0, -1000.0).astype(np.float32)
+    stored = np.rint((hu + rng.normal(0, 20, hu.shape) - inter[:, None, None]) / slope[:, None, None]).astype(np.int16)
+    buf = np.zeros(10**6, np.uint8)
+    alloc = lambda shape, dtype: buf[:int(np.prod(shape))].view(dtype).reshape(shape)  # noqa: E731
+    cfg = PrepConfig(size=16, crop_margin=1)
+    for rescale_slope in (slope, np.full(12, 0.5, np.float32)):  # varying, then shared: two projection paths
+        exact = stored * rescale_slope[:, None, None] + inter[:, None, None]
+        ref, zi = prepare_volume(exact, (2.0, 1, 1), cfg)
+        got, zi2 = prepare_volume(stored, (2.0, 1, 1), cfg, rescale=(rescale_slope, inter), alloc=alloc)
+        np.testing.assert_array_equal(got, ref)
+        np.testing.assert_array_equal(zi, zi2)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from dompre.data.prep import PrepConfig, body_mask_fn, resize_slices, to_uint8, window_hu
+from dompre.data.prep import PrepConfig, body_mask_fn, resize_stacks, to_uint8, window_hu
 
 DL_COLUMNS = (
     "File_name", "Patient_index", "Study_index", "Series_ID", "Key_slice_index", "Measurement_coordinates",
@@ -529,7 +529,7 @@ def build_lesion_input(root: str | Path, info: pd.DataFrame, lesion_idx: int, *,
     y0, y1, x0, x1 = crop
     win = tuple(row["DICOM_windows"][:2]) if (p.window_source == "series" and len(row["DICOM_windows"]) >= 2) \
         else p.window
-    image = to_uint8(resize_slices(window_hu(hu[:, y0:y1, x0:x1], win), p.size, p.keep_aspect))
+    image = resize_stacks(to_uint8(window_hu(hu[:, y0:y1, x0:x1], win))[None], p.size, p.keep_aspect)[0]
     box = np.asarray(row["Bounding_boxes"][:4], np.float64)
     bbox = _map_box(box, crop, p.size, p.keep_aspect) if box.size == 4 else np.empty(0)  # empty: no box given
     scale = max(y1 - y0, x1 - x0) / p.size if p.keep_aspect else None

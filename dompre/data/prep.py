@@ -1,9 +1,11 @@
-"""CT volume -> network inputs with MONAI transforms: HU window, body crop, resize, 3-slice stacks.
+"""CT volume -> network inputs: body crop (MONAI ``CropForeground``), HU window, 3-slice stacks, resize.
 
-The small public functions (:func:`window_hu`, :func:`crop_body`, :func:`resize_slices`,
+The small public functions (:func:`window_hu`, :func:`crop_body`, :func:`resize_stacks`,
 :func:`resample_z`, :func:`make_stacks`) are reused for DeepLesion lesion inputs; :func:`prepare_volume`
-chains them for a whole series. Slices are handled channel-first, (z, y, x), so one MONAI call transforms
-every slice of a volume with the same crop box.
+chains them for a whole series. Slices are handled channel-first, (z, y, x), so one crop box serves every
+slice of a volume. Windowing comes first, into uint8, and 3-slice stacks are resized as uint8 images
+(torchvision's vectorised path): resizing float slices cost more than decoding the DICOM files
+(see tools/bench_ingest.py).
 """
 from __future__ import annotations
 
@@ -12,8 +14,11 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
-from monai.transforms import CropForeground, Resize, ScaleIntensityRange, SpatialPad
+from torchvision.transforms.v2 import functional as TF
+from monai.transforms import CropForeground, ScaleIntensityRange, SpatialPad
 from scipy import ndimage
+
+_BLOCK = 18  # slices windowed (and 3-slice stacks resized) together: temporaries stay small and in cache
 
 
 @dataclass(frozen=True)
@@ -47,20 +52,26 @@ def _np(x) -> np.ndarray:
     return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def window_hu(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+def window_hu(hu: np.ndarray, window: tuple[float, float],
+              rescale: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """HU -> float32 in [0, 255]: ``window[0]`` -> 0, ``window[1]`` -> 255, clipped outside.
 
     The same map as ``ScaleIntensityRange(lo, hi, 0, 255, clip=True)`` (a test checks they agree), fused
     into one multiply-add and an in-place clip: on a full-resolution volume MONAI's chain of array
-    temporaries cost as much as decoding the DICOM files (see tools/bench_ingest.py).
+    temporaries cost as much as decoding the DICOM files (see tools/bench_ingest.py). With ``rescale``
+    = per-slice (slope, intercept), ``hu`` holds stored values and the rescale is folded into the same pass.
     """
     lo, hi = float(window[0]), float(window[1])
     if not hi > lo:
         raise ValueError(f"window {window!r}: high must exceed low")
-    hu = _np(hu)
-    scale = np.float32(255.0 / (hi - lo))
-    out = np.multiply(hu, scale, dtype=np.float32)
-    out -= np.float32(lo) * scale
+    gain = np.float32(255.0 / (hi - lo))
+    if rescale is None:
+        a, b = gain, -np.float32(lo) * gain
+    else:
+        slope, inter = (np.asarray(r, np.float32)[:, None, None] for r in rescale)
+        a, b = slope * gain, (inter - np.float32(lo)) * gain
+    out = np.multiply(_np(hu), a, dtype=np.float32)
+    out += b
     return np.clip(out, 0.0, 255.0, out=out)
 
 
@@ -106,36 +117,51 @@ def crop_body(hu: np.ndarray, threshold: float = -500.0, margin: int = 4) -> np.
     return _np(_cropper(threshold, margin)(hu))
 
 
-def resize_slices(x: np.ndarray, size: int = 256, keep_aspect: bool = False) -> np.ndarray:
-    """Resize (z, h, w) to (z, size, size) with ``Resize`` (area); keep_aspect pads the short side with 0."""
-    if x.ndim != 3:
-        raise ValueError(f"resize_slices expects (z, h, w), got shape {x.shape}")
-    t = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
-    if keep_aspect:
-        t = SpatialPad((size, size), mode="constant")(Resize(size, size_mode="longest", mode="area")(t))
-    else:
-        t = Resize((size, size), mode="area")(t)
-    return _np(t.as_tensor() if hasattr(t, "as_tensor") else t)
+def resize_stacks(x: np.ndarray, size: int = 256, keep_aspect: bool = False) -> np.ndarray:
+    """Resize uint8 stacks (n, c, h, w), c <= 4 (3 slices), to (n, c, size, size): bilinear with antialiasing,
+    through torchvision's vectorised uint8 path (the filter PIL uses; several times faster than resizing floats).
+
+    ``keep_aspect`` resizes the longest side to ``size`` and pads the other with 0 (black) on both sides, as
+    MONAI ``Resize(size_mode="longest")`` + ``SpatialPad`` would.
+    """
+    if x.ndim != 4 or x.dtype != np.uint8:
+        raise ValueError(f"resize_stacks expects uint8 (n, c, h, w), got {x.dtype} {x.shape}")
+    n, c, h, w = x.shape
+    nh, nw = (size, size) if not keep_aspect else (int(round(h * size / max(h, w))), int(round(w * size / max(h, w))))
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    if (nh, nw) != (h, w):
+        t = TF.resize(t, [nh, nw], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    if (nh, nw) != (size, size):
+        t = SpatialPad((size, size), mode="constant")(t.reshape(n * c, nh, nw)).reshape(n, c, size, size)
+    return _np(t.as_tensor() if hasattr(t, "as_tensor") else t.contiguous())
 
 
 def resample_z(x: np.ndarray, z: np.ndarray, interval: float) -> tuple[np.ndarray, np.ndarray]:
-    """Linear resampling along axis 0 to positions ``z[0], z[0]+interval, ...``; returns (volume, new z)."""
+    """Linear resampling along axis 0 to positions ``z[0], z[0]+interval, ...``; returns (volume, new z).
+    The volume keeps its dtype (integers are rounded); work goes in blocks, so temporaries stay small."""
     z = np.asarray(z, dtype=np.float64)
     new_z = np.arange(z[0], z[-1] + 1e-6, interval)
     pos = np.interp(new_z, z, np.arange(len(z)))
     i0 = np.clip(np.floor(pos).astype(int), 0, len(z) - 1)
     i1 = np.clip(i0 + 1, 0, len(z) - 1)
     w = (pos - i0).astype(np.float32)[:, None, None]
-    return x[i0] * (1 - w) + x[i1] * w, new_z
+    out = np.empty((len(new_z),) + x.shape[1:], x.dtype)
+    for j in range(0, len(new_z), _BLOCK):
+        b = slice(j, j + _BLOCK)
+        v = x[i0[b]] * (1 - w[b]) + x[i1[b]] * w[b]
+        out[b] = np.rint(v) if np.issubdtype(x.dtype, np.integer) else v
+    return out, new_z
+
+
+def _stack_index(n: int, stride: int) -> np.ndarray:
+    """(stacks, 3) slice indices of non-overlapping (stride 3) or strided 3-slice stacks of n slices."""
+    return np.arange(0, max(n - 2, 0), stride)[:, None] + np.arange(3)
 
 
 def make_stacks(slices: np.ndarray, stride: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """(z, h, w) -> stacks (n, 3, h, w) of consecutive slices starting every ``stride``; returns (stacks, center z index)."""
-    starts = np.arange(0, slices.shape[0] - 2, stride)
-    if starts.size == 0:
-        return np.empty((0, 3) + slices.shape[1:], slices.dtype), np.empty(0, np.int64)
-    idx = starts[:, None] + np.arange(3)
-    return slices[idx], starts + 1
+    idx = _stack_index(slices.shape[0], stride)
+    return slices[idx], idx[:, 1]
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -143,20 +169,32 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-_BLOCK = 16  # slices windowed and resized together by prepare_volume
+def _hu_projection(stored: np.ndarray, slope: np.ndarray, inter: np.ndarray) -> np.ndarray:
+    """max over z of HU, from stored values and per-slice rescale (one integer pass when the rescale is shared)."""
+    if np.all(slope == slope[0]) and np.all(inter == inter[0]) and slope[0] > 0:
+        return stored.max(axis=0).astype(np.float32) * slope[0] + inter[0]
+    proj = np.full(stored.shape[1:], -np.inf, np.float32)
+    for i in range(0, stored.shape[0], _BLOCK):
+        b = slice(i, i + _BLOCK)
+        np.maximum(proj, (stored[b] * slope[b, None, None] + inter[b, None, None]).max(axis=0), out=proj)
+    return proj
 
 
 def prepare_volume(hu: np.ndarray, spacing: tuple[float, float, float], cfg: PrepConfig = PrepConfig(), *,
-                   z: np.ndarray | None = None, window: tuple[float, float] | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
+                   z: np.ndarray | None = None, window: tuple[float, float] | None = None,
+                   rescale: tuple[np.ndarray, np.ndarray] | None = None,
+                   alloc: Callable[..., np.ndarray] = np.empty) -> tuple[np.ndarray, np.ndarray]:
     """A (z, y, x) HU volume -> (stacks uint8 (n, 3, size, size), z_index of each stack's middle slice).
 
     Args:
-        hu: float HU volume, z-ordered.
+        hu: HU volume, z-ordered; or, with ``rescale``, stored values (``CTVolume.stored``).
         spacing: (z, y, x) mm; with ``z`` not given, slices are ``spacing[0]`` apart.
         cfg: the preparation settings.
         z: slice positions in mm, used by ``cfg.slice_interval`` resampling.
         window: the series' own (low, high) window, used when ``cfg.window_source == "series"``.
+        rescale: per-slice (slope, intercept) when ``hu`` holds stored values: HU = stored * slope + intercept,
+            applied block by block, so no float volume is ever made.
+        alloc: ``alloc(shape, dtype)`` for the windowed uint8 body box (the ingest job reuses one buffer).
 
     Returns:
         stacks and, per stack, the index of its middle slice in ``hu`` (float64; fractional after
@@ -166,16 +204,24 @@ def prepare_volume(hu: np.ndarray, spacing: tuple[float, float, float], cfg: Pre
     z = np.arange(n) * float(spacing[0]) if z is None else np.asarray(z, dtype=np.float64)
     if hu.ndim != 3:
         raise ValueError(f"prepare_volume expects (z, y, x), got shape {hu.shape}")
+    slope, inter = (np.ones(n, np.float32), np.zeros(n, np.float32)) if rescale is None else \
+        (np.asarray(rescale[0], np.float32), np.asarray(rescale[1], np.float32))
     if cfg.crop:  # a view of the body box: only body pixels are windowed and resized
-        y0, y1, x0, x1 = crop_box(hu, cfg.body_threshold, cfg.crop_margin)
+        proj = hu.max(axis=0) if rescale is None else _hu_projection(hu, slope, inter)
+        y0, y1, x0, x1 = crop_box(proj[None], cfg.body_threshold, cfg.crop_margin)
         hu = hu[:, y0:y1, x0:x1]
     win = window if (cfg.window_source == "series" and window is not None) else cfg.window
-    x = np.empty((n, cfg.size, cfg.size), np.float32)
-    for i in range(0, n, _BLOCK):  # per block of slices: temporaries stay small and in cache
-        x[i:i + _BLOCK] = resize_slices(window_hu(hu[i:i + _BLOCK], win), cfg.size, cfg.keep_aspect)
+    u8 = alloc(hu.shape, np.uint8)
+    for i in range(0, n, _BLOCK):  # per block: float temporaries stay small and in cache
+        blk = slice(i, i + _BLOCK)
+        x = window_hu(hu[blk], win, (slope[blk], inter[blk]))
+        u8[blk] = np.rint(x, out=x)
     grid = np.arange(n, dtype=np.float64)
     if cfg.slice_interval is not None and n > 1:
-        x, new_z = resample_z(x, z, cfg.slice_interval)
+        u8, new_z = resample_z(u8, z, cfg.slice_interval)
         grid = np.interp(new_z, z, grid)
-    stacks, center = make_stacks(to_uint8(x), cfg.stride)
-    return stacks, grid[center]
+    idx = _stack_index(u8.shape[0], cfg.stride)
+    stacks = np.empty((len(idx), 3, cfg.size, cfg.size), np.uint8)
+    for i in range(0, len(idx), _BLOCK // 3):
+        stacks[i:i + _BLOCK // 3] = resize_stacks(u8[idx[i:i + _BLOCK // 3]], cfg.size, cfg.keep_aspect)
+    return stacks, grid[idx[:, 1]]
