@@ -1,12 +1,14 @@
 """CT DICOM reading: discovery, grouping by SeriesInstanceUID, slice ordering and Hounsfield units.
 
-A download is a tree of folders whose layout cannot be trusted: :func:`scan_tree` reads only the headers
-of every file, groups them by ``SeriesInstanceUID`` (never by folder) and reports the files it cannot use.
-:func:`read_series` turns one series into a :class:`CTVolume`: scouts/localizers dropped, slices ordered by
-position along the slice normal, stored values rescaled to HU, spacing and orientation checked.
+A download is a tree of folders whose layout cannot be trusted: :func:`scan_tree` reads the header of
+every file once (:mod:`dompre.data.dicom_header`), groups them by ``SeriesInstanceUID`` (never by folder)
+and reports the files it cannot use. :func:`read_series` turns one series into a :class:`CTVolume`:
+scouts/localizers dropped, slices ordered by position along the slice normal, spacing and orientation
+checked, stored values kept with their per-slice rescale to HU.
 
-Pixel data are decoded by pydicom (compressed syntaxes through the pylibjpeg plugins); SimpleITK (GDCM)
-is the fallback for files pydicom cannot decode. A series that cannot be used raises :class:`SeriesError`
+Native (uncompressed little-endian) pixel data are read straight from where the scan found them;
+compressed syntaxes are decoded by pydicom (through the pylibjpeg plugins), with SimpleITK (GDCM) as the
+fallback for files pydicom cannot decode. A series that cannot be used raises :class:`SeriesError`
 whose message is the reason written to the ingest report; safe repairs are listed in ``meta["notes"]``.
 """
 from __future__ import annotations
@@ -21,54 +23,18 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pydicom
-from pydicom.datadict import tag_for_keyword
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from dompre.data.dicom_header import FileHeader, scan_file
 
 log = logging.getLogger(__name__)
 
 _GAP_FACTOR = 1.5        # a step larger than this × the median step is a missing slice
 _JITTER = 0.2            # steps within ±20 % of the median are regular
-_NATIVE_LE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
-_TAG = {k: tag_for_keyword(k) for k in (
-    "SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Modality", "SeriesDescription", "BodyPartExamined",
-    "NumberOfFrames", "SOPInstanceUID", "ImageType", "ImagePositionPatient", "ImageOrientationPatient",
-    "InstanceNumber", "RescaleSlope", "RescaleIntercept", "PixelSpacing", "WindowCenter", "WindowWidth", "Rows",
-    "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel")}
 _SHARED = ("series_uid", "patient", "study_uid", "modality", "description", "body_part")
 
 
 class SeriesError(ValueError):
     """A series that cannot be used; ``str(e)`` is the reason written to the ingest report."""
-
-
-@dataclass(slots=True)
-class FileHeader:
-    """Everything one header parse of a file gives: its series keys, the slice's geometry and rescale, and
-    where its pixel data lie when they are native (uncompressed little-endian), so that reading a series
-    never parses a header a second time. Values are None where the tag is absent or unreadable."""
-    series_uid: str
-    study_uid: str = ""
-    patient: str = ""
-    modality: str = ""
-    description: str = ""
-    body_part: str = ""
-    frames: int = 1
-    sop_uid: str = ""
-    localizer: bool = False
-    position: tuple[float, ...] | None = None       # ImagePositionPatient
-    orientation: tuple[float, ...] | None = None    # ImageOrientationPatient
-    instance: int = 0
-    slope: float | str | None = None                # a string when the value is not a number
-    intercept: float | str | None = None
-    pixel_spacing: tuple[float, ...] | None = None
-    window: tuple[float, float] | None = None       # (low, high) HU from the first WindowCenter/Width
-    signed: bool = False                            # PixelRepresentation 1
-    native: tuple[int, str, int, int, int] | None = None  # (offset, dtype, rows, cols, bits stored) of raw pixels
-
-    @property
-    def multiframe(self) -> bool:
-        return self.frames > 1
 
 
 @dataclass
@@ -117,127 +83,6 @@ class CTVolume:
             if self.intercept[k] != 0:
                 hu[k] += self.intercept[k]
         return hu
-
-
-# Header values are read from pydicom's raw elements: its value conversion costs as much as the parse itself.
-def _raw_text(ds: pydicom.Dataset, key: str) -> str | None:
-    elem = ds.get_item(_TAG[key])
-    if elem is None:
-        return None
-    value = elem.value
-    if isinstance(value, bytes):
-        if not value.isascii():  # a non-ASCII character set: pydicom decodes it
-            return str(ds[_TAG[key]].value)
-        return value.decode("ascii").strip(" \x00")
-    return None if value is None else str(value)
-
-
-def _raw_numbers(ds: pydicom.Dataset, key: str) -> tuple[float, ...] | str | None:
-    """A DS/IS value as a tuple of floats; the text itself when it is not numbers; None when absent/empty."""
-    elem = ds.get_item(_TAG[key])
-    if elem is None or elem.value is None:
-        return None
-    value = elem.value
-    if isinstance(value, bytes):
-        text = value.decode("latin-1").strip(" \x00")
-        if not text:
-            return None
-        try:
-            return tuple(float(v) for v in text.split("\\"))
-        except ValueError:
-            return text
-    try:
-        return tuple(float(v) for v in (value if isinstance(value, (list, tuple, pydicom.multival.MultiValue))
-                                        else [value]))
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def _raw_us(ds: pydicom.Dataset, key: str) -> int | None:
-    elem = ds.get_item(_TAG[key])
-    if elem is None or elem.value is None:
-        return None
-    value = elem.value
-    if isinstance(value, bytes):
-        if len(value) < 2:
-            return None
-        return int.from_bytes(value[:2], "little" if getattr(elem, "is_little_endian", True) else "big")
-    return int(value)
-
-
-def _vector(v: Any, n: int) -> tuple[float, ...] | None:
-    return v if isinstance(v, tuple) and len(v) == n else None
-
-
-def _scalar(v: Any) -> float | str | None:
-    return v[0] if isinstance(v, tuple) else v
-
-
-def _native_location(ds: pydicom.Dataset, f, rows: int | None, cols: int | None
-                     ) -> tuple[int, str, int, int, int] | None:
-    """Where the raw pixel values of a native single-frame file start, read from the Pixel Data element's own
-    header at the file position where pydicom stopped; None for anything else (decoded by pydicom)."""
-    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    bits, stored = _raw_us(ds, "BitsAllocated"), _raw_us(ds, "BitsStored")
-    if (ts not in _NATIVE_LE or not rows or not cols or bits not in (8, 16, 32)
-            or (_raw_us(ds, "SamplesPerPixel") or 1) != 1):
-        return None
-    at = f.tell()
-    head = f.read(12)
-    if len(head) < 8 or head[:4] != b"\xe0\x7f\x10\x00":
-        return None
-    if ts == ExplicitVRLittleEndian:
-        if len(head) < 12 or head[4:6] not in (b"OW", b"OB"):
-            return None
-        length, offset = int.from_bytes(head[8:12], "little"), at + 12
-    else:
-        length, offset = int.from_bytes(head[4:8], "little"), at + 8
-    if length == 0xFFFFFFFF or length < rows * cols * bits // 8:
-        return None
-    signed = _raw_us(ds, "PixelRepresentation") == 1
-    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}").str
-    return offset, dtype, rows, cols, stored if stored and 0 < stored < bits else bits
-
-
-def _file_header(ds: pydicom.Dataset, f=None) -> FileHeader:
-    """The :class:`FileHeader` of a dataset read up to its pixel data (``f``: the open file, positioned there)."""
-    frames = _scalar(_raw_numbers(ds, "NumberOfFrames"))
-    valid_frames = frames is None or (isinstance(frames, float) and frames >= 1 and frames.is_integer())
-    image_type = (_raw_text(ds, "ImageType") or "").upper().split("\\")
-    center, width = _scalar(_raw_numbers(ds, "WindowCenter")), _scalar(_raw_numbers(ds, "WindowWidth"))
-    window = (center - width / 2.0, center + width / 2.0) if (
-        isinstance(center, float) and isinstance(width, float) and width > 0) else None
-    rows, cols = _raw_us(ds, "Rows"), _raw_us(ds, "Columns")
-    instance = _scalar(_raw_numbers(ds, "InstanceNumber"))
-    frames = int(frames) if valid_frames and frames is not None else 1
-    return FileHeader(
-        series_uid=_raw_text(ds, "SeriesInstanceUID") or "", study_uid=_raw_text(ds, "StudyInstanceUID") or "",
-        patient=_raw_text(ds, "PatientID") or "", modality=_raw_text(ds, "Modality") or "",
-        description=_raw_text(ds, "SeriesDescription") or "", body_part=_raw_text(ds, "BodyPartExamined") or "",
-        frames=frames, sop_uid=_raw_text(ds, "SOPInstanceUID") or "",
-        localizer="LOCALIZER" in image_type or "SCOUT" in image_type,
-        position=_vector(_raw_numbers(ds, "ImagePositionPatient"), 3), orientation=_vector(_raw_numbers(ds, "ImageOrientationPatient"), 6),
-        instance=int(instance) if isinstance(instance, float) else 0,
-        slope=_scalar(_raw_numbers(ds, "RescaleSlope")), intercept=_scalar(_raw_numbers(ds, "RescaleIntercept")),
-        pixel_spacing=_vector(_raw_numbers(ds, "PixelSpacing"), 2), window=window,
-        signed=_raw_us(ds, "PixelRepresentation") == 1,
-        native=_native_location(ds, f, rows, cols) if f is not None and frames == 1 and valid_frames else None)
-
-
-def scan_file(path: str | Path) -> tuple[FileHeader | None, str]:
-    """The header of one file, or (None, reason) when it is not usable DICOM. One parse, up to the pixel data."""
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
-            return None, "zero-byte file"
-        with open(path, "rb") as f:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
-            header = _file_header(ds, f)
-    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, IndexError) as e:
-        return None, f"not readable as DICOM ({type(e).__name__}: {e})"
-    if not header.series_uid:
-        return None, "not a DICOM image (no SeriesInstanceUID)"
-    return header, ""
 
 
 def group_headers(items: Iterable[tuple[Path, FileHeader]]) -> list[SeriesInfo]:
