@@ -334,3 +334,22 @@ def test_fast_header_parser_equals_pydicom(tmp_path):
             fast.append(f.name)
     assert {"CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "IM0001.dcm"} <= set(fast)
     assert len(fast) >= 60
+
+
+def test_jpeg_lossless_process_14_decodes_with_pydicom_and_gdcm_alike(monkeypatch):
+    """JPEG Lossless (Process 14, SV1): pydicom ships one real file (RGB, as no CT sample ships and no encoder
+    is installed). dompre's decode path reads it through pylibjpeg, and through GDCM when pydicom fails."""
+    import SimpleITK as sitk
+    from dompre.data import dicom as dm
+    f = Path(pydicom.__file__).parent / "data" / "test_files" / "SC_rgb_jpeg_gdcm.dcm"
+    header, _ = scan_file(f)
+    assert header.native is None
+    assert str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.70"
+    (s,) = dm._slices_of(f, header)
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(f))).reshape(100, 100, 3)
+    np.testing.assert_array_equal(dm._decode(s), reference)
+
+    def broken(self):
+        raise RuntimeError("no decoder")
+    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(broken))
+    np.testing.assert_array_equal(dm._decode(s).reshape(100, 100, 3), reference)
