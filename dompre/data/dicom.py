@@ -88,8 +88,8 @@ class CTVolume:
 def group_headers(items: Iterable[tuple[Path, FileHeader]]) -> list[SeriesInfo]:
     """Group (path, header) pairs by SeriesInstanceUID; series sorted by patient, study, uid.
 
-    Headers of one series share their series-level strings and orientation, so that a scan of a whole
-    archive keeps a few hundred bytes per file."""
+    Headers share their repeated values (series strings, orientation, spacing, window, rescale, pixel
+    format), so a scan holds about 0.8 KB per file, path included."""
     series: dict[str, SeriesInfo] = {}
     shared: dict[Any, Any] = {}
     for path, h in items:
@@ -100,7 +100,11 @@ def group_headers(items: Iterable[tuple[Path, FileHeader]]) -> list[SeriesInfo]:
         for key in _SHARED:
             if getattr(h, key) == getattr(info, key):
                 setattr(h, key, getattr(info, key))
-        h.orientation = shared.setdefault(h.orientation, h.orientation)
+        for key in ("orientation", "pixel_spacing", "window", "slope", "intercept"):
+            value = getattr(h, key)
+            setattr(h, key, shared.setdefault((key, value), value))
+        if h.native is not None:  # (offset, dtype, rows, cols, bits): all but the offset repeat
+            h.native = (h.native[0],) + shared.setdefault(h.native[1:], h.native[1:])
         info.files.append(path)
         info.headers.append(h)
         info.multiframe = info.multiframe or h.multiframe
