@@ -324,8 +324,9 @@ def _decode(s: _Slice, scratch: dict | None = None) -> np.ndarray:
     the pylibjpeg plugins), else SimpleITK (GDCM). Native reads go into ``scratch`` buffers when given."""
     if s.h.native is not None and s.ds is None:
         _, dtype, rows, cols, _ = s.h.native
-        out = None if scratch is None else scratch.setdefault((dtype, rows, cols), np.empty((rows, cols), dtype))
-        arr = _read_native(s.file, s.h.native, out)
+        if scratch is not None and (dtype, rows, cols) not in scratch:
+            scratch[dtype, rows, cols] = np.empty((rows, cols), dtype)
+        arr = _read_native(s.file, s.h.native, None if scratch is None else scratch[dtype, rows, cols])
         if arr is not None:
             return arr
     ds = s.ds if s.ds is not None else _read_full(s.file)
