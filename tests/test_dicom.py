@@ -353,3 +353,33 @@ def test_jpeg_lossless_process_14_decodes_with_pydicom_and_gdcm_alike(monkeypatc
         raise RuntimeError("no decoder")
     monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(broken))
     np.testing.assert_array_equal(dm._decode(s).reshape(100, 100, 3), reference)
+
+
+def test_header_parser_skips_nested_undefined_length_sequences_and_leaves_non_ascii_to_pydicom(tmp_path):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from dompre.data import dicom_header as dh
+    f = write_dicom_series(tmp_path / "s", phantom(z=2), spacing=SPACING)[0]
+    ds = pydicom.dcmread(f)
+    inner = Dataset()
+    inner.CodeValue, inner.CodeMeaning = "T-D0050", "Chest"
+    item = Dataset()
+    item.ReferencedSOPInstanceUID = generate_uid()
+    item.AnatomicRegionSequence = Sequence([inner])  # nested, undefined lengths at both levels
+    item.is_undefined_length_sequence_item = True
+    ds.ReferencedImageSequence = Sequence([item, Dataset()])
+    ds["ReferencedImageSequence"].is_undefined_length = True
+    item["AnatomicRegionSequence"].is_undefined_length = True
+    ds.save_as(f)
+    raw = f.read_bytes()
+    assert raw.count(b"\xfe\xff\xdd\xe0") == 2 and raw.count(b"\xfe\xff\x0d\xe0") == 1  # delimiters written
+    with open(f, "rb") as fh:
+        values, ts, at, head = dh._parse(fh)  # no fallback
+    assert dh._header(values.get, ts, at, head) == dh.read_header(f, fast=False)
+    assert dh.read_header(f).native is not None
+
+    ds.SpecificCharacterSet, ds.PatientID = "ISO_IR 192", "Müller-0001"
+    ds.save_as(f)
+    with open(f, "rb") as fh, pytest.raises(dh._Fallback):
+        dh._parse(fh)
+    assert dh.read_header(f).patient == "Müller-0001"

@@ -152,12 +152,12 @@ def _parse(f) -> tuple[dict[str, bytes], str, int | None, bytes]:
                 else (values, ts, None, b"")
         wanted = _WANTED.get(tag)
         if length == _UNDEFINED:
-            if wanted:
+            if wanted or vr == b"UN":  # UN of undefined length holds Implicit VR content
                 raise _Fallback
             pos = _skip_items(w, pos + hdr, explicit)
             continue
         if wanted:
-            if explicit and vr != wanted[1]:
+            if (explicit and vr != wanted[1]) or length > _CHUNK:  # wanted values are short text
                 raise _Fallback
             value = w.get(pos + hdr, length)
             if wanted[1] != b"US" and not value.isascii():  # a character set to decode: pydicom
