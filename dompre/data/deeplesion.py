@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from dompre.data.prep import PrepConfig, body_mask_fn, resize_stacks, to_uint8, window_hu
+from dompre.data.prep import PrepConfig, crop_box, resize_stacks, to_uint8, window_hu
 
 DL_COLUMNS = (
     "File_name", "Patient_index", "Study_index", "Series_ID", "Key_slice_index", "Measurement_coordinates",
@@ -472,16 +472,6 @@ def load_lesion_slices(folder: str | Path, key: int, slice_interval: float,
     return np.stack([planes[0], get(0), planes[1]]).astype(np.float32, copy=False)
 
 
-def _body_box(hu: np.ndarray, threshold: float, margin: int) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1), end exclusive: the box ``prep.crop_body`` cuts (MONAI CropForeground, body mask)."""
-    from monai.transforms import CropForeground
-    start, end = CropForeground(select_fn=body_mask_fn(threshold), margin=margin,
-                                allow_smaller=True).compute_bounding_box(hu)[-2:]
-    y0, x0 = max(int(start[0]), 0), max(int(start[1]), 0)
-    y1, x1 = min(int(end[0]), hu.shape[1]), min(int(end[1]), hu.shape[2])
-    return y0, y1, x0, x1
-
-
 def _map_box(box: np.ndarray, crop: tuple[int, int, int, int], size: int, keep_aspect: bool) -> np.ndarray:
     """Map (x1, y1, x2, y2) of the original slice through the crop (y0, y1, x0, x1) and the resize."""
     y0, y1, x0, x1 = crop
@@ -525,7 +515,7 @@ def build_lesion_input(root: str | Path, info: pd.DataFrame, lesion_idx: int, *,
     dz = float(spacing[2])
     hu = load_lesion_slices(folder, int(row["Key_slice_index"]), dz, cfg.neighbours, cfg.interval_mm)
     p = cfg.prep
-    crop = _body_box(hu, p.body_threshold, p.crop_margin) if p.crop else (0, hu.shape[1], 0, hu.shape[2])
+    crop = crop_box(hu, p.body_threshold, p.crop_margin) if p.crop else (0, hu.shape[1], 0, hu.shape[2])
     y0, y1, x0, x1 = crop
     win = tuple(row["DICOM_windows"][:2]) if (p.window_source == "series" and len(row["DICOM_windows"]) >= 2) \
         else p.window
