@@ -204,8 +204,7 @@ def prepare_volume(hu: np.ndarray, spacing: tuple[float, float, float], cfg: Pre
     z = np.arange(n) * float(spacing[0]) if z is None else np.asarray(z, dtype=np.float64)
     if hu.ndim != 3:
         raise ValueError(f"prepare_volume expects (z, y, x), got shape {hu.shape}")
-    slope, inter = (np.ones(n, np.float32), np.zeros(n, np.float32)) if rescale is None else \
-        (np.asarray(rescale[0], np.float32), np.asarray(rescale[1], np.float32))
+    slope, inter = (None, None) if rescale is None else (np.asarray(r, np.float32) for r in rescale)
     if cfg.crop:  # a view of the body box: only body pixels are windowed and resized
         proj = hu.max(axis=0) if rescale is None else _hu_projection(hu, slope, inter)
         y0, y1, x0, x1 = crop_box(proj[None], cfg.body_threshold, cfg.crop_margin)
@@ -214,7 +213,7 @@ def prepare_volume(hu: np.ndarray, spacing: tuple[float, float, float], cfg: Pre
     u8 = alloc(hu.shape, np.uint8)
     for i in range(0, n, _BLOCK):  # per block: float temporaries stay small and in cache
         blk = slice(i, i + _BLOCK)
-        x = window_hu(hu[blk], win, (slope[blk], inter[blk]))
+        x = window_hu(hu[blk], win, None if rescale is None else (slope[blk], inter[blk]))
         u8[blk] = np.rint(x, out=x)
     grid = np.arange(n, dtype=np.float64)
     if cfg.slice_interval is not None and n > 1:
