@@ -107,17 +107,13 @@ def monai_path(root: Path) -> int:
     return n
 
 
-def _floor_part(files: list[Path]) -> int:
-    return floor(files)
-
-
 def floor_2proc(files: list[Path]) -> tuple[float, int]:
     """The floor in 2 processes (started and warmed before the clock): the machine's scaling for this work."""
     import multiprocessing as mp
     with mp.get_context("fork").Pool(2) as pool:
-        pool.map(_floor_part, [files[:2], files[2:4]])
+        pool.map(floor, [files[:2], files[2:4]])
         t = time.perf_counter()
-        n = sum(pool.map(_floor_part, [files[0::2], files[1::2]]))
+        n = sum(pool.map(floor, [files[0::2], files[1::2]]))
         return time.perf_counter() - t, n
 
 
