@@ -176,7 +176,7 @@ def test_bad_series_reasons(tmp_path):
     ds = pydicom.dcmread(bad_px[5])
     ds.PixelData = ds.PixelData[:100]
     ds.save_as(bad_px[5])
-    with pytest.raises(SeriesError, match="cannot be decoded in IM0006.dcm"):
+    with pytest.raises(SeriesError, match="IM0006.dcm: Pixel Data hold 100 bytes, fewer than the 1152"):
         read_series(bad_px)
 
 
@@ -277,9 +277,10 @@ def test_header_scan_and_raw_pixels_match_pydicom_on_its_shipped_files():
                 ds = pydicom.dcmread(f, force=True)
             except Exception:  # noqa: BLE001 - files pydicom cannot read are not compared
                 continue
-            header, _ = scan_file(f)
+            header, reason = scan_file(f)
             if header is None:
-                assert not ds.get("SeriesInstanceUID"), f.name
+                assert not ds.get("SeriesInstanceUID") or "PixelData" not in ds or "deflated" in reason \
+                    or "truncated" in reason, (f.name, reason)
                 continue
             assert (header.series_uid, header.patient, header.modality, header.sop_uid) == (
                 ds.SeriesInstanceUID, str(ds.get("PatientID", "") or ""), str(ds.get("Modality", "") or ""),
@@ -323,17 +324,17 @@ def test_fast_header_parser_equals_pydicom(tmp_path):
             warnings.simplefilter("ignore")
             try:
                 ref = dh.read_header(f, fast=False)
-            except Exception:  # noqa: BLE001 - not DICOM for pydicom either
+            except dh.SeriesError:  # not a usable image for pydicom either
                 continue
             try:
                 with open(f, "rb") as fh:
-                    values, ts, at, head = dh._parse(fh)
+                    values, ts, implicit, at, head = dh._parse(fh, f.stat().st_size)
             except (dh._Fallback, EOFError, UnicodeDecodeError):
                 continue
-            assert dh._header(values.get, ts, at, head) == ref, f.name
+            assert dh._header(values.get, ts, implicit, at, head, f.stat().st_size) == ref, f.name
             fast.append(f.name)
     assert {"CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "IM0001.dcm"} <= set(fast)
-    assert len(fast) >= 60
+    assert len(fast) >= 45  # the rest: big endian, deflate, elements out of order, not images
 
 
 def test_jpeg_lossless_process_14_decodes_with_pydicom_and_gdcm_alike(monkeypatch):
@@ -373,13 +374,14 @@ def test_header_parser_skips_nested_undefined_length_sequences_and_leaves_non_as
     ds.save_as(f)
     raw = f.read_bytes()
     assert raw.count(b"\xfe\xff\xdd\xe0") == 2 and raw.count(b"\xfe\xff\x0d\xe0") == 1  # delimiters written
+    size = f.stat().st_size
     with open(f, "rb") as fh:
-        values, ts, at, head = dh._parse(fh)  # no fallback
-    assert dh._header(values.get, ts, at, head) == dh.read_header(f, fast=False)
+        values, ts, implicit, at, head = dh._parse(fh, size)  # no fallback
+    assert dh._header(values.get, ts, implicit, at, head, size) == dh.read_header(f, fast=False)
     assert dh.read_header(f).native is not None
 
     ds.SpecificCharacterSet, ds.PatientID = "ISO_IR 192", "Müller-0001"
     ds.save_as(f)
     with open(f, "rb") as fh, pytest.raises(dh._Fallback):
-        dh._parse(fh)
+        dh._parse(fh, f.stat().st_size)
     assert dh.read_header(f).patient == "Müller-0001"

@@ -74,8 +74,8 @@ def bad_cohort(root: Path) -> dict[str, str]:
     (root / "junk" / "README.txt").write_text("exported by a PACS\n" * 10)
     (root / "junk" / "head.dcm").write_bytes(mixed[0].read_bytes()[:100])
     return {"mr": "modality MR", "norescale": "missing RescaleSlope", "dup": "duplicated slice positions",
-            "gap": "gap in z", "mixed": "mixed matrix sizes", "pixels": "cannot be decoded in IM0006",
-            "trunc": "IM0007", "single": "single-slice", "short": "too short: 4 slices < min_slices 6"}
+            "gap": "gap in z", "mixed": "mixed matrix sizes", "pixels": "gap in z",  # IM0006 skipped: short pixels
+            "trunc": "gap in z", "single": "single-slice", "short": "too short: 4 slices < min_slices 6"}
 
 
 def test_ingest_skips_each_bad_input_with_reason(tmp_path):
@@ -90,9 +90,10 @@ def test_ingest_skips_each_bad_input_with_reason(tmp_path):
     assert by_patient["OK0"]["status"] == by_patient["OK1"]["status"] == "ok"
     files = {Path(f["file"]).name: f["reason"] for f in report["files"]}
     assert files["zero.dcm"] == "zero-byte file"
-    assert set(files) == {"zero.dcm", "README.txt", "head.dcm"}
+    assert set(files) == {"zero.dcm", "README.txt", "head.dcm", "IM0006.dcm", "IM0007.dcm"}
+    assert "fewer than the" in files["IM0006.dcm"] and "truncated" in files["IM0007.dcm"]
     assert summary["series_ok"] == 2 and summary["series_skipped"] == len(expected)
-    assert summary["files_skipped"] == 3 and summary["inputs"] == 6 and summary["slices"] == 18
+    assert summary["files_skipped"] == 5 and summary["inputs"] == 6 and summary["slices"] == 18
     assert summary["skip_reasons"]["too short"] == 1
     st = SliceStore(tmp_path / "st")
     assert len(st) == 6

@@ -13,6 +13,7 @@ whose message is the reason written to the ingest report; safe repairs are liste
 """
 from __future__ import annotations
 
+import filecmp
 import logging
 import os
 from collections import Counter
@@ -24,17 +25,16 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pydicom
 
-from dompre.data.dicom_header import FileHeader, scan_file
+from dompre.data.dicom_header import FileHeader, SeriesError, SizedFile, scan_file
+
+__all__ = ["CTVolume", "SeriesError", "SeriesInfo", "discover_series", "group_headers", "list_files", "read_series",
+           "scan_file", "scan_tree"]
 
 log = logging.getLogger(__name__)
 
 _GAP_FACTOR = 1.5        # a step larger than this × the median step is a missing slice
 _JITTER = 0.2            # steps within ±20 % of the median are regular
 _SHARED = ("series_uid", "patient", "study_uid", "modality", "description", "body_part")
-
-
-class SeriesError(ValueError):
-    """A series that cannot be used; ``str(e)`` is the reason written to the ingest report."""
 
 
 @dataclass
@@ -64,7 +64,8 @@ class CTVolume:
 
     ``meta`` keys: patient, study_uid, series_uid, body_part, files (one per slice, in z order; the same file
     repeated for multi-frame), z (slice positions along the normal, mm), window ((low, high) HU or None),
-    orientation (6 direction cosines), notes (repairs applied).
+    orientation (6 direction cosines), notes (repairs applied), dropped ([(file, reason)] of the files left
+    out: identical or same-pixel copies of a slice, localizers, other orientations).
     """
     stored: np.ndarray
     slope: np.ndarray
@@ -186,8 +187,12 @@ def _arr(v: tuple[float, ...] | None) -> np.ndarray | None:
 
 
 def _read_full(f: Path) -> pydicom.Dataset:
+    """The whole dataset (its size was checked by the header scan; reads never exceed the file)."""
     try:
-        ds = pydicom.dcmread(f, force=True)
+        with SizedFile(f) as fh:
+            ds = pydicom.dcmread(fh, force=True)
+    except MemoryError:
+        raise
     except Exception as e:  # noqa: BLE001 - a broken file makes the series unusable, with its name
         raise SeriesError(f"cannot read {f.name}: {type(e).__name__}: {e}") from None
     if "PixelData" not in ds:
@@ -201,6 +206,9 @@ def _slices_of(path: Path, h: FileHeader) -> list[_Slice]:
         return [_Slice(path, h, _arr(h.position), _arr(h.orientation), h.instance, h.slope, h.intercept,
                        _arr(h.pixel_spacing))]
     ds = _read_full(path)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and len(per_frame) < h.frames:
+        raise SeriesError(f"{path.name}: NumberOfFrames {h.frames} but {len(per_frame)} per-frame groups")
     return [_Slice(path, h, _floats(_fg(ds, i, "PlanePositionSequence", "ImagePositionPatient"), 3),
                    _floats(_fg(ds, i, "PlaneOrientationSequence", "ImageOrientationPatient"), 6), i + 1,
                    _fg(ds, i, "PixelValueTransformationSequence", "RescaleSlope"),
@@ -208,9 +216,10 @@ def _slices_of(path: Path, h: FileHeader) -> list[_Slice]:
                    _floats(_fg(ds, i, "PixelMeasuresSequence", "PixelSpacing"), 2), i, ds) for i in range(h.frames)]
 
 
-def _drop_scouts(slices: list[_Slice], notes: list[str]) -> list[_Slice]:
+def _drop_scouts(slices: list[_Slice], notes: list[str], dropped: list) -> list[_Slice]:
     """Drop localizers and slices whose orientation differs from the majority."""
     kept = [s for s in slices if not s.h.localizer]
+    dropped += [(s.file, "localizer/scout image") for s in slices if s.h.localizer and s.frame is None]
     if len(kept) < len(slices):
         notes.append(f"dropped {len(slices) - len(kept)} localizer/scout image(s)")
     if not kept:
@@ -219,6 +228,9 @@ def _drop_scouts(slices: list[_Slice], notes: list[str]) -> list[_Slice]:
     if keys:
         major = np.asarray(keys.most_common(1)[0][0])
         same = [s for s in kept if s.orient is not None and np.allclose(s.orient, major, atol=1e-3)]
+        ids = {id(s) for s in same}
+        dropped += [(s.file, "another orientation than the series (scout)") for s in kept
+                    if id(s) not in ids and s.frame is None]
         if len(same) < len(kept):
             notes.append(f"dropped {len(kept) - len(same)} slice(s) with another orientation (scouts)")
         kept = same
@@ -242,18 +254,35 @@ def _sop(s: _Slice) -> str:
     return "" if s.frame is not None else s.h.sop_uid
 
 
-def _check_z(slices: list[_Slice], z: np.ndarray, notes: list[str]) -> tuple[list[_Slice], np.ndarray]:
-    """Resolve duplicated positions (identical copies are dropped) and reject gaps in z."""
+def _same_image(a: _Slice, b: _Slice) -> str:
+    """Why ``b`` may be dropped as a copy of ``a`` (same SOP instance at the same place), or "" if it may not:
+    the files are identical, or their stored values and rescale are."""
+    if not _sop(a) or _sop(a) != _sop(b):
+        return ""
+    if filecmp.cmp(a.file, b.file, shallow=False):
+        return f"identical copy of {a.file.name}"
+    if (a.slope, a.intercept) == (b.slope, b.intercept) and np.array_equal(_decode(a), _decode(b)):
+        return f"same SOPInstanceUID, position and pixel values as {a.file.name}"
+    return ""
+
+
+def _check_z(slices: list[_Slice], z: np.ndarray, notes: list[str], dropped: list
+             ) -> tuple[list[_Slice], np.ndarray]:
+    """Resolve duplicated positions (copies of the same image are dropped, by content) and reject gaps in z."""
     dup = np.flatnonzero(np.isclose(np.diff(z), 0.0, atol=1e-3)) + 1
-    same = [i for i in dup if _sop(slices[i]) and _sop(slices[i]) == _sop(slices[i - 1])]
-    if same:  # the same image stored twice (copied file): safe to keep one
-        notes.append(f"dropped {len(same)} duplicate copy(ies) of the same SOPInstanceUID")
-        keep = np.setdiff1d(np.arange(len(z)), same)
+    drop = []
+    for i in dup:
+        first = next(j for j in range(i - 1, -1, -1) if j not in drop)  # the kept slice of that position
+        why = _same_image(slices[first], slices[i])
+        if not why:
+            raise SeriesError(f"duplicated slice positions: {slices[i].file.name} and {slices[first].file.name} "
+                              f"are different images at z={z[i]:.2f} mm")
+        drop.append(i)
+        dropped.append((slices[i].file, why))
+    if drop:
+        notes.append(f"dropped {len(drop)} duplicate copy(ies) of the same SOPInstanceUID")
+        keep = np.setdiff1d(np.arange(len(z)), drop)
         slices, z = [slices[i] for i in keep], z[keep]
-        dup = np.flatnonzero(np.isclose(np.diff(z), 0.0, atol=1e-3)) + 1
-    if dup.size:
-        raise SeriesError(f"duplicated slice positions: {dup.size} slice(s) share a position with another "
-                          f"(e.g. z={z[dup[0]]:.2f} mm in {slices[dup[0]].file.name})")
     if len(z) > 2:
         steps = np.diff(z)
         med = float(np.median(steps))
@@ -265,6 +294,24 @@ def _check_z(slices: list[_Slice], z: np.ndarray, notes: list[str]) -> tuple[lis
         if np.any(np.abs(steps - med) > _JITTER * med):
             notes.append(f"uneven slice spacing (steps {steps.min():.2f}..{steps.max():.2f} mm)")
     return slices, z
+
+
+def _check_values(slices: list[_Slice]) -> None:
+    """Refuse what would store garbage as good: non-finite or degenerate geometry, unknown signedness."""
+    for s in slices:
+        name = s.file.name
+        if s.h.signed is None:
+            raise SeriesError(f"PixelRepresentation missing in {name}: signed or unsigned values cannot be "
+                              f"known (pydicom refuses such a file too)")
+        if s.pos is not None and not np.all(np.isfinite(s.pos)):
+            raise SeriesError(f"ImagePositionPatient {s.pos.tolist()} in {name} is not finite")
+        if s.orient is not None:
+            o = s.orient
+            if not np.all(np.isfinite(o)) or np.linalg.norm(np.cross(o[:3], o[3:])) < 0.5:
+                raise SeriesError(f"ImageOrientationPatient {o.tolist()} in {name} is not two direction "
+                                  f"cosines at right angles")
+        if s.spacing is not None and not (np.all(np.isfinite(s.spacing)) and np.all(s.spacing > 0)):
+            raise SeriesError(f"PixelSpacing {s.spacing.tolist()} in {name} is not positive and finite")
 
 
 def _number(s: _Slice, key: str, default: float) -> float:
@@ -282,12 +329,17 @@ def _rescale(slices: list[_Slice], notes: list[str]) -> tuple[np.ndarray, np.nda
     """Per-slice (slope, intercept); missing tags are safe to default only on signed data."""
     missing = [s for s in slices if s.slope is None or s.intercept is None]
     if missing:
-        if not missing[0].h.signed:
+        if missing[0].h.signed is not True:
             raise SeriesError(f"missing RescaleSlope/RescaleIntercept on unsigned pixel data "
                               f"({missing[0].file.name}); HU cannot be known")
         notes.append(f"RescaleSlope/RescaleIntercept missing on {len(missing)} signed slice(s): used 1 and 0")
     slope = np.array([_number(s, "slope", 1.0) for s in slices], np.float32)
     inter = np.array([_number(s, "intercept", 0.0) for s in slices], np.float32)
+    bad = np.flatnonzero(~np.isfinite(slope) | (slope == 0) | ~np.isfinite(inter))
+    if bad.size:
+        s = slices[bad[0]]
+        raise SeriesError(f"RescaleSlope {s.slope!r} / RescaleIntercept {s.intercept!r} in {s.file.name}: the "
+                          f"slope must be finite and non-zero, the intercept finite; HU cannot be known")
     return slope, inter
 
 
@@ -394,8 +446,21 @@ def read_series(path_or_files: str | Path | SeriesInfo | Sequence[str | Path], *
     Raises:
         FileNotFoundError: the path does not exist.
         SeriesError: the series cannot be used (the message is the reason: not CT, single slice, duplicated
-            positions, gap in z, mixed matrix sizes, missing rescale on unsigned data, undecodable pixels).
+            positions, gap in z, mixed matrix sizes, missing rescale on unsigned data, non-finite geometry or
+            rescale, missing PixelRepresentation, undecodable pixels). Whatever the files hold, nothing else
+            is raised (MemoryError aside: sizes are checked against the files before anything is allocated).
     """
+    try:
+        return _read_series(path_or_files, alloc)
+    except (SeriesError, FileNotFoundError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken file found by no check above is still only a bad series
+        log.warning("read_series: unexpected %r", e)
+        raise SeriesError(f"cannot read the series ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _read_series(path_or_files: str | Path | SeriesInfo | Sequence[str | Path],
+                 alloc: Callable[..., np.ndarray]) -> CTVolume:
     headers: list[FileHeader] = []
     if isinstance(path_or_files, SeriesInfo):
         files, headers = list(path_or_files.files), list(path_or_files.headers)
@@ -418,15 +483,17 @@ def read_series(path_or_files: str | Path | SeriesInfo | Sequence[str | Path], *
     if len(headers) != len(files):
         headers = _headers(files)
     notes: list[str] = []
+    dropped: list[tuple[Path, str]] = []
     slices = [s for f, h in zip(files, headers) for s in _slices_of(Path(f), h)]
     first = slices[0]
     if first.h.modality != "CT":
         raise SeriesError(f"modality {first.h.modality or 'missing'}, not CT")
-    slices = _drop_scouts(slices, notes)
+    _check_values(slices)
+    slices = _drop_scouts(slices, notes, dropped)
     if len(slices) < 2:
         raise SeriesError("single-slice series (one image; not a volume)")
     slices, z = _order(slices, notes)
-    slices, z = _check_z(slices, z, notes)
+    slices, z = _check_z(slices, z, notes, dropped)
     slope, inter = _rescale(slices, notes)
     stored = _stored(slices, alloc)
     dz = float(np.median(np.diff(z))) if len(z) > 1 else 1.0
@@ -437,7 +504,7 @@ def read_series(path_or_files: str | Path | SeriesInfo | Sequence[str | Path], *
     window = _window(first.ds) if first.ds is not None else first.h.window
     meta = {"patient": first.h.patient, "study_uid": first.h.study_uid, "series_uid": first.h.series_uid,
             "body_part": first.h.body_part, "files": [s.file for s in slices], "z": z.tolist(), "window": window,
-            "orientation": None if slices[0].orient is None else slices[0].orient.tolist(), "notes": notes}
+            "orientation": None if slices[0].orient is None else slices[0].orient.tolist(), "notes": notes, "dropped": dropped}
     return CTVolume(stored, slope, inter, (dz, float(px[0]), float(px[1])), meta)
 
 
