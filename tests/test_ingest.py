@@ -196,3 +196,64 @@ def test_cli_bad_configuration_stops_with_clear_message(tmp_path, capsys):
     assert "1 series ok, 0 skipped" in capsys.readouterr().out
     assert cli.main(ok[:-5] + ["--no-progress"]) == 2     # same store, other settings: refused
     assert "use a new STORE_DIR" in capsys.readouterr().err
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_kill_9_of_the_main_process_ends_its_workers(tmp_path):
+    """Item 10 of issue 15: kill -9 of the ingest process (not its group) left both pool workers running."""
+    good_series(tmp_path / "in", n=6)
+    args = ["ingest", "dicom", str(tmp_path / "in"), str(tmp_path / "st"), "--workers", "2",
+            "--set", "prep.size=16", "--set", "prep.min_slices=6", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, *args], env=env, start_new_session=True)
+    try:
+        deadline, workers = time.time() + 120, []
+        while time.time() < deadline and child.poll() is None and len(workers) < 2:
+            workers = [w for w in _children(child.pid) if _alive(w)]
+            time.sleep(0.05)
+        assert len(workers) >= 2, "the pool workers never started"
+        time.sleep(0.5)
+        os.kill(child.pid, signal.SIGKILL)                 # the main process only
+        assert child.wait() == -signal.SIGKILL
+        deadline = time.time() + 30
+        while time.time() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers), "pool workers outlived the killed ingest"
+    finally:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_empty_input_folder_is_an_error_and_dropped_copies_are_reported(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["ingest", "dicom", str(tmp_path / "empty"), str(tmp_path / "st0"), "--no-progress"]) == 2
+    assert "holds no files" in capsys.readouterr().err
+    good_series(tmp_path / "in", n=1)
+    shutil.copy(tmp_path / "in" / "ok0" / "IM0003.dcm", tmp_path / "in" / "ok0" / "A_copy.dcm")
+    summary = ingest_dicom(tmp_path / "in", tmp_path / "st", recipe=RECIPE, progress=False)
+    report = json.loads((tmp_path / "st" / "report.json").read_text())
+    assert summary["series_ok"] == 1 and summary["files_dropped"] == 1
+    (row,) = [f for f in report["files"] if f["status"] == "dropped"]
+    assert row["file"] in ("ok0/A_copy.dcm", "ok0/IM0003.dcm") and "identical copy" in row["reason"]

@@ -12,6 +12,9 @@ import dataclasses
 import logging
 import os
 import re
+import signal
+import threading
+import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -79,6 +82,7 @@ def process_series(info: SeriesInfo, cfg: PrepConfig, root: str) -> dict[str, An
             raise SeriesError(f"modality {info.modality or 'missing'}, not CT")
         vol = read_series(info, alloc=_BUFFERS.get("stored"))  # HU are never made: windowing rescales
         res["notes"] = vol.meta["notes"]
+        res["dropped"] = [{"file": _rel(f, root), "reason": why} for f, why in vol.meta["dropped"]]
         n = vol.stored.shape[0]
         res["n_slices"] = n
         if n < cfg.min_slices:
@@ -111,11 +115,37 @@ def _rel(path: str | Path, root: str) -> str:
         return str(path)
 
 
-def _scan_chunk(paths: list[Path]) -> list[tuple[Path, dict | None, str]]:
-    return [(p, *scan_file(p)) for p in paths]
+def _scan_one(path: Path) -> tuple[Path, Any, str]:
+    try:
+        return (path, *scan_file(path))
+    except MemoryError:  # sizes are checked before allocating, so only a machine out of memory gets here
+        return path, None, "out of memory while reading its header"
 
 
-def _worker_init() -> None:
+def _scan_chunk(paths: list[Path]) -> list[tuple[Path, Any, str]]:
+    return [_scan_one(p) for p in paths]
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker when the ingest process dies, even by ``kill -9`` (which runs no cleanup in it):
+    Linux sends the worker SIGKILL (PR_SET_PDEATHSIG); elsewhere a thread watches the parent's pid."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+        threading.Thread(target=watch, daemon=True, name="dompre-parent-watch").start()
+    if os.getppid() != parent:  # it died before the signal was set up
+        os._exit(1)
+
+
+def _worker_init(parent: int) -> None:
+    _exit_with_parent(parent)
     import torch
     torch.set_num_threads(1)
 
@@ -190,10 +220,13 @@ def ingest_dicom(input_dir: str | Path, store_dir: str | Path, *, workers: int =
     recipe = recipe or IngestRecipe()
     input_dir, store_dir = Path(input_dir), Path(store_dir)
     files = list_files(input_dir)
+    if not files:
+        raise ValueError(f"input folder {input_dir} holds no files (hidden ones aside); pass the root of the "
+                         f"DICOM download")
     _check_store_dir(store_dir)
     info = {"source": "dicom", "prep": dataclasses.asdict(recipe.prep)}
     root = str(input_dir)
-    pool = ProcessPoolExecutor(workers, initializer=_worker_init) if workers > 1 else None
+    pool = ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(os.getpid(),)) if workers > 1 else None
     try:
         series, bad = _scan(files, pool, workers, progress)
         with StoreWriter(store_dir, image_size=recipe.prep.size, shard_size=recipe.shard_size, info=info) as w:
@@ -224,12 +257,14 @@ def _write_report(store_dir: Path, input_dir: Path, series: list[SeriesInfo], ba
                   units: dict[str, dict], recipe: IngestRecipe, resumed: int) -> dict[str, Any]:
     rows = [{"series_uid": s.series_uid, **units.get(s.series_uid, {"status": "missing"})} for s in series]
     files = [{"file": _rel(p, str(input_dir)), "status": "skipped", "reason": r} for p, r in bad]
+    dropped = [{"file": d["file"], "status": "dropped", "reason": d["reason"], "series_uid": r["series_uid"]}
+               for r in rows for d in r.get("dropped", [])]
     skipped = [r for r in rows if r["status"] != "ok"]
     summary = {"series_ok": len(rows) - len(skipped), "series_skipped": len(skipped),
-               "files_skipped": len(files), "inputs": sum(r.get("n_inputs", 0) for r in rows),
+               "files_skipped": len(files), "files_dropped": len(dropped), "inputs": sum(r.get("n_inputs", 0) for r in rows),
                "slices": sum(r.get("n_slices", 0) for r in rows if r["status"] == "ok"),
                "resumed_series": resumed,
                "skip_reasons": dict(Counter(_reason_kind(r.get("reason", "")) for r in skipped + files))}
     report = {"input": str(input_dir.resolve()), "store": str(store_dir.resolve()),
-              "recipe": dataclasses.asdict(recipe), "summary": summary, "series": rows, "files": files}
+              "recipe": dataclasses.asdict(recipe), "summary": summary, "series": rows, "files": files + dropped}
     return write_report(store_dir, report, summary)
