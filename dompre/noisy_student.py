@@ -237,7 +237,6 @@ def run(recipe: PretrainRecipe) -> dict:
     accelerator.init_trackers("dompre", config={"seed": recipe.seed, "iterations": recipe.iterations,
                                                 "model": recipe.model.name, "labels": len(data.label_names)})
     position = Position()
-    accelerator.register_for_checkpointing(position)
     results, model = [], None
     for it in range(recipe.iterations + 1):
         stage = out / f"iter{it}"

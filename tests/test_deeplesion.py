@@ -298,3 +298,31 @@ def test_ingest_deeplesion_full_term_list_and_bad_config(layout, tmp_path):
         ingest_deeplesion(root, tmp_path / "t", labels=labels_path, ontology=small, progress=False)
     with pytest.raises(FileNotFoundError, match="Images_png"):
         ingest_deeplesion(tmp_path, tmp_path / "t", labels=labels_path, progress=False)
+
+
+def test_file_names_outside_the_root_are_refused_and_bad_json_is_named(layout, tmp_path):
+    """Issue 15, items 11 and 12: a DL_info.csv File_name of ../../outside/... was read from outside ROOT; a
+    non-JSON --labels said only 'Expecting value: line 1 column 1'."""
+    root, labels_path, onto_path = layout
+    outside = tmp_path / "outside"
+    _write_slices(outside / "000001_01_01")
+    rows = list(csv.reader(open(root / "DL_info.csv")))
+    rows[1][0] = "../../outside/000001_01_01_004.png"
+    with open(root / "DL_info.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    info = dl.read_dl_info(root / "DL_info.csv")
+    with pytest.raises(ValueError, match="points outside"):
+        dl.build_lesion_input(root, info, 0, cfg=dl.LesionInputConfig(), split="train", labels=None)
+    from dompre.data.ingest_deeplesion import ingest_deeplesion
+    s = ingest_deeplesion(root, tmp_path / "st", labels=labels_path, progress=False)
+    report = json.loads((tmp_path / "st" / "report.json").read_text())
+    by_idx = {r["lesion_idx"]: r for r in report["lesions"]}
+    assert by_idx[0]["status"] == "skipped" and "points outside" in by_idx[0]["reason"]
+    assert s["lesions_ok"] == 1
+    bad = tmp_path / "labels.txt"
+    bad.write_text("term_list: [a, b]\n")
+    from dompre.cli import main
+    argv = ["ingest", "deeplesion", str(root), str(tmp_path / "st2"), "--labels", str(bad), "--no-progress"]
+    assert main(argv) == 2
+    with pytest.raises(ValueError, match="labels.txt: not a JSON file"):
+        dl.load_lesanet_labels(bad)

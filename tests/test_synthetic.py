@@ -285,3 +285,16 @@ def test_lesions_per_patient_sets_how_many_lesions_are_drawn():
     assert 2 <= len(make_lesions(p, zr)) <= 6  # the default range
     with pytest.raises(ValueError, match="lesions_per_patient"):
         generate_cohort("unused", patients=1, lesions_per_patient=(3, 1))
+
+
+def test_rerun_after_a_kill_leaves_no_hidden_tmp_files(tmp_path):
+    """Issue 15, item 12: a kill -9 mid-write leaves ``.IM0001.dcm.<pid>.tmp`` and ``.slices.csv.tmp``; the
+    rerun (how a killed synth is continued) removes them."""
+    kw = dict(patients=1, seed=9, layout="dicom", quirk_rate=0.0, matrix=32, max_slices=20, progress=False)
+    out = tmp_path / "c"
+    (out / "dicom" / "x").mkdir(parents=True)
+    (out / "truth").mkdir()
+    for stale in (out / "dicom" / "x" / ".IM0001.dcm.4242.tmp", out / "truth" / ".slices.csv.tmp"):
+        stale.write_bytes(b"half a file")
+    generate_cohort(out, **kw)
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import pandas as pd
@@ -171,12 +172,28 @@ class LesaNetLabels:
         return {idx: (s, i) for s in self.lesion_idxs for i, idx in enumerate(self.lesion_idxs[s])}
 
 
+def _read_json(path: Path) -> Any:
+    """A JSON file's content; ValueError naming the file when it is not JSON."""
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON file ({e}); pass the LesaNet JSON label file") from None
+
+
+def _inside(base: Path, rel: str, what: str) -> Path:
+    """``base / rel``, refused when ``rel`` is absolute or climbs out of ``base`` (a path from a data file)."""
+    path = Path(os.path.normpath(base / rel))
+    if Path(rel).is_absolute() or not path.is_relative_to(Path(os.path.normpath(base))):
+        raise ValueError(f"{what} {rel!r} points outside {base}; refused")
+    return path
+
+
 def load_lesanet_labels(path: str | Path) -> LesaNetLabels:
     """Load LesaNet's ``text_mined_labels_171_and_split.json`` (or a file of the same layout)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: LesaNet label file not found; pass text_mined_labels_171_and_split.json")
-    data = json.loads(path.read_text())
+    data = _read_json(path)
     if not isinstance(data, dict) or "term_list" not in data:
         raise ValueError(f"{path}: not a LesaNet label file (a dict with term_list and <split>_lesion_idxs)")
     splits = [s for s in SPLITS if f"{s}_lesion_idxs" in data]
@@ -215,7 +232,7 @@ def load_hand_labeled(path: str | Path, terms: list[str]) -> HandLabeledSet:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: hand-labeled set not found; pass hand_labeled_test_set.json")
-    items = json.loads(path.read_text())
+    items = _read_json(path)
     if not isinstance(items, list) or any("lesion_idx" not in d for d in items):
         raise ValueError(f"{path}: expected a list of {{text, lesion_idx, expanded_terms}} dicts")
     pos = {t: i for i, t in enumerate(terms)}
@@ -510,7 +527,7 @@ def build_lesion_input(root: str | Path, info: pd.DataFrame, lesion_idx: int, *,
         raise KeyError(f"lesion {lesion_idx} is not a row of DL_info.csv ({len(info)} rows)")
     row = info.loc[lesion_idx]
     root = Path(root)
-    folder = root / "Images_png" / row["folder"]
+    folder = _inside(root / "Images_png", row["folder"], "DL_info.csv File_name")
     spacing = tuple(row["Spacing_mm_px_"]) + (float("nan"),) * 3
     dz = float(spacing[2])
     hu = load_lesion_slices(folder, int(row["Key_slice_index"]), dz, cfg.neighbours, cfg.interval_mm)

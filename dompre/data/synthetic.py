@@ -506,6 +506,15 @@ class _CohortWriter:
         os.replace(tmp, dl / "lesion_ontology.csv")
 
 
+def _remove_stale_tmp(out: Path) -> None:
+    """Remove the hidden ``.*.tmp`` files a killed synth left in its own cohort folder (each file is written
+    under such a name and renamed when complete, so they are never a finished file)."""
+    if out.is_dir():
+        for p in out.rglob(".*.tmp"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+
+
 def generate_cohort(
     out_dir: str | Path,
     *,
@@ -563,6 +572,7 @@ def generate_cohort(
         raise ValueError(f"{out} already holds a cohort (cohort.json); choose another folder or pass overwrite")
     from tqdm.auto import tqdm
 
+    _remove_stale_tmp(out)
     rng = np.random.default_rng([seed, 0])
     n_lab = {"both": round(labeled_fraction * patients), "dicom": 0, "deeplesion": patients}[layout]
     labeled = sorted(int(i) for i in rng.permutation(patients)[:n_lab])

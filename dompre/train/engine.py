@@ -3,12 +3,19 @@
 Determinism and resume: data order and augmentation depend only on ``(seed, stage, epoch, position)``
 (:class:`StreamSampler` yields ``(row, item_seed)`` and :class:`SeededImages` seeds its transform per item),
 DataLoaders draw their worker seeds from their own generator, and ``accelerator.save_state`` keeps model,
-optimizer, RNG (dropout) and the :class:`Position`. So a run killed at any step and resumed with
-``load_state`` + ``skip_first_batches`` continues exactly as the uninterrupted run would have.
+optimizer and RNG (dropout), with the :class:`Position` beside them as ``position.json``. So a run killed at
+any step and resumed with ``load_state`` + ``skip_first_batches`` continues exactly as the uninterrupted run
+would have.
+
+A resume state folder may come from elsewhere (a copied run), so loading it runs nothing: the model is
+safetensors, optimizer and RNG states go through ``torch.load(weights_only=True)`` (accelerate's loader), the
+position is JSON, and no object is registered with ``register_for_checkpointing`` (accelerate unpickles those
+``custom_checkpoint_*.pkl`` files with ``weights_only=False``); a state folder holding such a file is refused.
 """
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import shutil
@@ -122,7 +129,7 @@ def make_loader(dataset, sampler, batch_size: int, num_workers: int, seed: int) 
 
 
 class Position:
-    """Where a stage is: epoch, step inside the epoch, optimizer steps done; checkpointed by accelerate."""
+    """Where a stage is: epoch, step inside the epoch, optimizer steps done; saved as ``position.json``."""
 
     def __init__(self) -> None:
         self.epoch = self.step = self.global_step = 0
@@ -134,7 +141,10 @@ class Position:
         return {"epoch": self.epoch, "step": self.step, "global_step": self.global_step}
 
     def load_state_dict(self, d: dict) -> None:
-        self.epoch, self.step, self.global_step = int(d["epoch"]), int(d["step"]), int(d["global_step"])
+        values = [d.get(k) for k in ("epoch", "step", "global_step")] if isinstance(d, dict) else [None]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise ValueError(f"position {d!r}: epoch, step and global_step must be integers >= 0")
+        self.epoch, self.step, self.global_step = values
 
 
 class CSVTracker(GeneralTracker):
@@ -171,8 +181,9 @@ def _latest_state(state_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_state(accelerator, state_dir: Path, global_step: int) -> None:
-    """``accelerator.save_state`` into a temporary folder, then an atomic rename; older states removed."""
+def save_state(accelerator, state_dir: Path, global_step: int, position: Position | None = None) -> None:
+    """``accelerator.save_state`` (+ ``position.json``) into a temporary folder, then an atomic rename; older
+    states removed."""
     tmp = state_dir / f"tmp-{global_step:09d}"
     final = state_dir / f"step-{global_step:09d}"
     if final.exists():
@@ -183,11 +194,34 @@ def save_state(accelerator, state_dir: Path, global_step: int) -> None:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if position is not None:
+            from dompre._io import write_atomic
+            write_atomic(tmp / "position.json", json.dumps(position.state_dict()))
         os.replace(tmp, final)
         for old in state_dir.glob("step-*"):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def load_state(accelerator, folder: Path, position: Position) -> None:
+    """Load a state written by :func:`save_state` without unpickling anything (see the module docstring)."""
+    pickles = sorted(p.name for p in folder.glob("custom_checkpoint_*.pkl"))
+    if pickles:
+        raise ValueError(f"{folder} holds {', '.join(pickles)}: resume states are never pickled objects (an older "
+                         f"dompre or another program wrote it, or it was planted); it is not loaded. Delete {folder} "
+                         f"to restart this stage from its beginning")
+    if accelerator._custom_objects:  # noqa: SLF001 - accelerate would unpickle them with weights_only=False
+        raise RuntimeError("objects are registered with accelerator.register_for_checkpointing; dompre keeps its "
+                           "resume state in position.json instead")
+    pos_file = folder / "position.json"
+    try:
+        saved = json.loads(pos_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{pos_file}: unreadable resume position ({e}); delete {folder} to restart this stage") \
+            from None
+    accelerator.load_state(str(folder))
+    position.load_state_dict(saved)
 
 
 def fit(accelerator, *, model, optimizer, scheduler, loaders: list, samplers: list, step_fn: Callable,
@@ -199,7 +233,7 @@ def fit(accelerator, *, model, optimizer, scheduler, loaders: list, samplers: li
         step_fn: ``(*batches) -> dict`` of scalar tensors with at least ``"loss"`` (distill-task shape).
         samplers: the :class:`StreamSampler` of each loader (their epoch is set before each pass).
         state_dir: where ``save_state`` folders go; the latest complete one is loaded first.
-        position: the registered :class:`Position` object (restored by ``load_state``).
+        position: the stage's :class:`Position` (saved as ``position.json`` beside each state, restored from it).
         fail_after_steps: testing hook: raise after this many optimizer steps of this call.
     """
     from accelerate.utils import tqdm
@@ -209,7 +243,7 @@ def fit(accelerator, *, model, optimizer, scheduler, loaders: list, samplers: li
     latest = _latest_state(state_dir)
     position.reset()
     if latest is not None:
-        accelerator.load_state(str(latest))
+        load_state(accelerator, latest, position)
         logger.info("%s: resumed from %s (epoch %d, step %d)", stage, latest, position.epoch, position.step)
     total = epochs * steps_per_epoch
     bar = tqdm(total=total, initial=position.global_step, desc=stage, disable=not progress, main_process_only=True)
@@ -238,12 +272,12 @@ def fit(accelerator, *, model, optimizer, scheduler, loaders: list, samplers: li
                 accelerator.log(values, step=position.global_step)
                 bar.set_postfix(loss=f"{values[f'{stage}/loss']:.4f}")
             if position.global_step % checkpoint_every == 0 and position.step < steps_per_epoch:
-                save_state(accelerator, state_dir, position.global_step)
+                save_state(accelerator, state_dir, position.global_step, position)
             if 0 <= fail_after_steps <= done_here:
                 raise RuntimeError(f"debug.fail_after_steps={fail_after_steps} reached in {stage} (injected failure)")
         position.epoch += 1
         position.step = 0
-        save_state(accelerator, state_dir, position.global_step)
+        save_state(accelerator, state_dir, position.global_step, position)
     bar.close()
 
 
