@@ -209,11 +209,16 @@ def _slices_of(path: Path, h: FileHeader) -> list[_Slice]:
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame is not None and len(per_frame) < h.frames:
         raise SeriesError(f"{path.name}: NumberOfFrames {h.frames} but {len(per_frame)} per-frame groups")
-    return [_Slice(path, h, _floats(_fg(ds, i, "PlanePositionSequence", "ImagePositionPatient"), 3),
-                   _floats(_fg(ds, i, "PlaneOrientationSequence", "ImageOrientationPatient"), 6), i + 1,
-                   _fg(ds, i, "PixelValueTransformationSequence", "RescaleSlope"),
-                   _fg(ds, i, "PixelValueTransformationSequence", "RescaleIntercept"),
-                   _floats(_fg(ds, i, "PixelMeasuresSequence", "PixelSpacing"), 2), i, ds) for i in range(h.frames)]
+    try:
+        return [_Slice(path, h, _floats(_fg(ds, i, "PlanePositionSequence", "ImagePositionPatient"), 3),
+                       _floats(_fg(ds, i, "PlaneOrientationSequence", "ImageOrientationPatient"), 6), i + 1,
+                       _fg(ds, i, "PixelValueTransformationSequence", "RescaleSlope"),
+                       _fg(ds, i, "PixelValueTransformationSequence", "RescaleIntercept"),
+                       _floats(_fg(ds, i, "PixelMeasuresSequence", "PixelSpacing"), 2), i, ds)
+                for i in range(h.frames)]
+    except Exception as e:  # noqa: BLE001 - pydicom converting a broken functional group
+        raise SeriesError(f"{path.name}: unreadable functional groups ({type(e).__name__}: {str(e)[:120]})") \
+            from None
 
 
 def _drop_scouts(slices: list[_Slice], notes: list[str], dropped: list) -> list[_Slice]:

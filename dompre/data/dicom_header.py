@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pydicom
+import pydicom.charset
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -167,6 +168,17 @@ def _skip_items(w: _Window, pos: int, explicit: bool) -> int:
             pos += hdr + length
 
 
+def _check_charset(w: _Window, pos: int, vr: bytes | None, length: int, hdr: int) -> None:
+    """Leave the file to pydicom unless its Specific Character Set is one pydicom accepts."""
+    if vr not in (None, b"CS") or length == _UNDEFINED or length > 1024:
+        raise _Fallback
+    try:
+        text = w.get(pos + hdr, length).decode("ascii")
+        pydicom.charset.convert_encodings([t.strip(" \x00") for t in text.split("\\")])
+    except Exception:  # noqa: BLE001 - whatever pydicom makes of it, it is pydicom's to decide
+        raise _Fallback from None
+
+
 def _parse(f, size: int) -> tuple[dict[str, bytes], str, bool, int | None, bytes]:
     """(wanted values as raw bytes, transfer syntax, implicit VR?, position of Pixel Data or None, its first 12
     bytes) of a file of ``size`` bytes. Raises _Fallback (or EOFError) for anything pydicom should decide."""
@@ -196,12 +208,17 @@ def _parse(f, size: int) -> tuple[dict[str, bytes], str, bool, int | None, bytes
         if tag <= last:
             raise _Fallback
         last = tag
-        if tag in (0x7FE00008, 0x7FE00009) or tag >= _PIXEL_DATA:  # where pydicom stops before pixels
-            return (values, ts, not explicit, pos, w.get(pos, 12 if explicit else 8)) if tag == _PIXEL_DATA \
-                else (values, ts, not explicit, None, b"")
+        if tag == _PIXEL_DATA:
+            return values, ts, not explicit, pos, w.get(pos, 12 if explicit else 8)
+        if tag in (0x7FE00008, 0x7FE00009):  # float pixel data: pydicom stops here too
+            return values, ts, not explicit, None, b""
+        if tag > _PIXEL_DATA:  # pydicom reads on (it does not check the order)
+            raise _Fallback
         wanted = _WANTED.get(tag)
+        if tag == 0x00080005:  # pydicom decodes the character set first: a broken one fails the whole file
+            _check_charset(w, pos, vr, length, hdr)
         if length == _UNDEFINED:
-            if wanted or vr == b"UN":  # UN of undefined length holds Implicit VR content
+            if wanted or (explicit and vr != b"SQ"):  # UN: Implicit VR content; others: pydicom's own rules
                 raise _Fallback
             pos = _skip_items(w, pos + hdr, explicit)
             continue
@@ -342,6 +359,8 @@ def _pydicom_getter(ds: pydicom.Dataset) -> Callable[[str], Any]:
         elem = ds.get_item(_TAG[key])
         if elem is None:
             return None
+        if isinstance(elem, RawDataElement) and elem.VR is not None and elem.VR != _WANTED[_TAG[key]][1].decode():
+            return ds[_TAG[key]].value  # the VR the file declares, as pydicom converts it (or refuses it)
         v = elem.value
         if isinstance(v, bytes) and (getattr(elem, "is_little_endian", True) is False
                                      or (_WANTED[_TAG[key]][1] != b"US" and not v.isascii())):
@@ -396,7 +415,7 @@ def read_header(path: str | Path, *, fast: bool = True) -> FileHeader:
 
     Raises:
         SeriesError: the file is not a usable DICOM image (the message says why); nothing else, except
-            OSError when it cannot be opened or read at all.
+            OSError when it cannot be opened.
     """
     with SizedFile(path) as f:
         if fast:
@@ -407,7 +426,7 @@ def read_header(path: str | Path, *, fast: bool = True) -> FileHeader:
                 f.seek(0)
         try:
             return _pydicom_header(f)
-        except (SeriesError, OSError, MemoryError):
+        except (SeriesError, MemoryError):
             raise
         except Exception as e:  # noqa: BLE001 - whatever pydicom raises on a broken file is a reason
             raise SeriesError(f"not readable as DICOM ({type(e).__name__}: {str(e)[:200]})") from None
