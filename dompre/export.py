@@ -133,7 +133,11 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file missing; the checkpoint is incomplete, rewrite it")
-    return load_file(str(path), device="cpu")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # noqa: BLE001 - SafetensorError and friends: a corrupt or foreign file
+        raise ValueError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:160]}); "
+                         f"rewrite the checkpoint") from None
 
 
 def load_checkpoint(directory: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:

@@ -63,7 +63,7 @@ class SizedFile(io.BufferedReader):
         self.size = os.fstat(self.raw.fileno()).st_size
 
     def read(self, n: int | None = -1) -> bytes:
-        if n is not None and n > 0:
+        if n is not None and n > 65536:  # smaller reads allocate no more than the buffer anyway
             n = min(n, max(self.size - self.tell(), 0))
             if n == 0:
                 return b""
@@ -380,8 +380,9 @@ class _Stop:
         self.n += 1
         if self.n > _MAX_ELEMENTS:
             raise SeriesError(f"more than {_MAX_ELEMENTS} elements before any pixel data; not a DICOM image")
-        if tag in (0x7FE00010, 0x7FE00009, 0x7FE00008):
-            self.tag = tag
+        t = int(tag)  # pydicom's BaseTag compares in Python: one int() is cheaper
+        if t >= 0x7FE00008 and t in (0x7FE00010, 0x7FE00009, 0x7FE00008):
+            self.tag = t
             return True
         return False
 

@@ -131,11 +131,17 @@ def load_finetune_recipe(path: str | Path | None, overrides: list[str] = ()) -> 
 # ----------------------------------------------------------------------------------------------- models
 def _weights_state_dict(path: Path) -> dict:
     """A state dict from a safetensors or torch file (weights_only), unwrapped from common containers."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(str(path))
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - corrupt file, or a pickle that needs more than tensors
+        raise ValueError(f"{path}: not a loadable weights file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160]}); pass a safetensors file or a torch state dict") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

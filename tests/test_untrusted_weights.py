@@ -1,0 +1,32 @@
+"""Corrupt or pickled weight files: one ValueError naming the file, and nothing in them runs (issue 15, item 12)."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from dompre.export import _load_weights
+from dompre.train.finetune import _weights_state_dict
+
+
+def test_corrupt_safetensors_names_the_file(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json header}")
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        _load_weights(bad)
+    with pytest.raises(ValueError, match="model.safetensors: not a loadable weights file"):
+        _weights_state_dict(bad)
+
+
+def test_pickled_weights_are_refused_without_running(tmp_path):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "weights.pth"
+    evil.write_bytes(pickle.dumps(type("P", (), {"__reduce__": lambda self: (Path.touch, (marker,))})()))
+    with pytest.raises(ValueError, match="weights.pth: not a loadable weights file"):
+        _weights_state_dict(evil)
+    assert not marker.exists()
+    ok = tmp_path / "ok.pth"
+    torch.save({"state_dict": {"module.w": torch.ones(2)}}, ok)
+    assert list(_weights_state_dict(ok)) == ["w"]
