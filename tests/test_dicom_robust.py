@@ -74,6 +74,9 @@ def test_malformed_meta_vr_and_deep_nesting_give_reasons(tmp_path):
     bad.write_bytes(bytes(raw[:gl + 8]) + struct.pack("<I", 3)[:2] + bytes(raw[gl + 10:]))  # meta length field 3
     header, reason = scan_file(bad)
     assert (header is None) == bool(reason)
+    bad.write_bytes(bytes(raw[:gl + 8]) + struct.pack("<I", 3) + bytes(raw[gl + 12:]))  # its value 3
+    header, reason = scan_file(bad)
+    assert (header is None) == bool(reason)
     mod = _element_at(raw, 0x00080060)                            # Modality's VR CS -> SQ
     bad.write_bytes(bytes(raw[:mod + 4]) + b"SQ" + bytes(raw[mod + 6:]))
     header, reason = scan_file(bad)
