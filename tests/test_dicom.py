@@ -176,7 +176,7 @@ def test_bad_series_reasons(tmp_path):
     ds = pydicom.dcmread(bad_px[5])
     ds.PixelData = ds.PixelData[:100]
     ds.save_as(bad_px[5])
-    with pytest.raises(SeriesError, match="IM0006.dcm: Pixel Data hold 100 bytes, fewer than the 1152"):
+    with pytest.raises(SeriesError, match="IM0006.dcm: pixel data too short: Pixel Data hold 100 bytes, fewer than the 1152"):
         read_series(bad_px)
 
 

@@ -148,7 +148,8 @@ def mutate(raw: bytes, src: Path, rng: random.Random, work: Path) -> tuple[str, 
         if vr is None:
             return None
         new_vr = rng.choice(VRS)
-        return f"VR of ({tag >> 16:04X},{tag & 0xFFFF:04X}) {vr!r} -> {new_vr!r}", raw[:pos + 4] + new_vr + raw[pos + 6:]
+        return (f"VR of ({tag >> 16:04X},{tag & 0xFFFF:04X}) {vr!r} -> {new_vr!r}",
+                raw[:pos + 4] + new_vr + raw[pos + 6:])
     if kind == "nest":
         at = next((p for p, t, *_ in els if t >= 0x7FE00010), None)
         if at is None or vr is None:
@@ -310,7 +311,8 @@ def run(cases: int, seed: int, max_seconds: float, memory_mb: int | None, save: 
                 save.mkdir(parents=True, exist_ok=True)
                 shutil.copy(path, save / f"case{done:05d}-{src.name}")
         done += 1
-    return {"cases": done, "kinds": dict(kinds), "outcomes": dict(STATS), "slowest_s": round(slowest[0], 3), "slowest": slowest[1],
+    return {"cases": done, "kinds": dict(kinds), "outcomes": dict(STATS), "slowest_s": round(slowest[0], 3),
+            "slowest": slowest[1],
             "problems": problems}
 
 
@@ -328,7 +330,8 @@ def main() -> int:
         t = time.perf_counter()
         res = run(a.cases, a.seed, a.max_seconds, a.memory_mb or None, a.save, Path(tmp))
     print(f"fuzz_dicom: {res['cases']} cases (seed {a.seed}) in {time.perf_counter() - t:.1f} s; kinds "
-          f"{res['kinds']}; outcomes {res['outcomes']}; slowest {res['slowest_s']} s ({res['slowest']}); {len(res['problems'])} problem case(s)")
+          f"{res['kinds']}; outcomes {res['outcomes']}; slowest {res['slowest_s']} s ({res['slowest']}); "
+          f"{len(res['problems'])} problem case(s)")
     for p in res["problems"][:50]:
         print(f"  case {p['case']} {p['seed_file']}: {p['mutation']}: " + "; ".join(p["problems"]))
     return 1 if res["problems"] else 0

@@ -208,7 +208,8 @@ def _slices_of(path: Path, h: FileHeader) -> list[_Slice]:
     ds = _read_full(path)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame is not None and len(per_frame) < h.frames:
-        raise SeriesError(f"{path.name}: NumberOfFrames {h.frames} but {len(per_frame)} per-frame groups")
+        raise SeriesError(f"bad multi-frame file: {path.name} has NumberOfFrames {h.frames} but "
+                          f"{len(per_frame)} per-frame groups")
     try:
         return [_Slice(path, h, _floats(_fg(ds, i, "PlanePositionSequence", "ImagePositionPatient"), 3),
                        _floats(_fg(ds, i, "PlaneOrientationSequence", "ImageOrientationPatient"), 6), i + 1,
@@ -217,8 +218,8 @@ def _slices_of(path: Path, h: FileHeader) -> list[_Slice]:
                        _floats(_fg(ds, i, "PixelMeasuresSequence", "PixelSpacing"), 2), i, ds)
                 for i in range(h.frames)]
     except Exception as e:  # noqa: BLE001 - pydicom converting a broken functional group
-        raise SeriesError(f"{path.name}: unreadable functional groups ({type(e).__name__}: {str(e)[:120]})") \
-            from None
+        raise SeriesError(f"bad multi-frame file: {path.name} has unreadable functional groups "
+                          f"({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def _drop_scouts(slices: list[_Slice], notes: list[str], dropped: list) -> list[_Slice]:
@@ -306,17 +307,18 @@ def _check_values(slices: list[_Slice]) -> None:
     for s in slices:
         name = s.file.name
         if s.h.signed is None:
-            raise SeriesError(f"PixelRepresentation missing in {name}: signed or unsigned values cannot be "
+            raise SeriesError(f"PixelRepresentation missing: in {name}; signed or unsigned values cannot be "
                               f"known (pydicom refuses such a file too)")
         if s.pos is not None and not np.all(np.isfinite(s.pos)):
-            raise SeriesError(f"ImagePositionPatient {s.pos.tolist()} in {name} is not finite")
+            raise SeriesError(f"bad geometry: ImagePositionPatient {s.pos.tolist()} in {name} is not finite")
         if s.orient is not None:
             o = s.orient
             if not np.all(np.isfinite(o)) or np.linalg.norm(np.cross(o[:3], o[3:])) < 0.5:
-                raise SeriesError(f"ImageOrientationPatient {o.tolist()} in {name} is not two direction "
-                                  f"cosines at right angles")
+                raise SeriesError(f"bad geometry: ImageOrientationPatient {o.tolist()} in {name} is not two "
+                                  f"direction cosines at right angles")
         if s.spacing is not None and not (np.all(np.isfinite(s.spacing)) and np.all(s.spacing > 0)):
-            raise SeriesError(f"PixelSpacing {s.spacing.tolist()} in {name} is not positive and finite")
+            raise SeriesError(f"bad geometry: PixelSpacing {s.spacing.tolist()} in {name} is not positive and "
+                              f"finite")
 
 
 def _number(s: _Slice, key: str, default: float) -> float:
@@ -343,8 +345,9 @@ def _rescale(slices: list[_Slice], notes: list[str]) -> tuple[np.ndarray, np.nda
     bad = np.flatnonzero(~np.isfinite(slope) | (slope == 0) | ~np.isfinite(inter))
     if bad.size:
         s = slices[bad[0]]
-        raise SeriesError(f"RescaleSlope {s.slope!r} / RescaleIntercept {s.intercept!r} in {s.file.name}: the "
-                          f"slope must be finite and non-zero, the intercept finite; HU cannot be known")
+        raise SeriesError(f"bad rescale: RescaleSlope {s.slope!r} / RescaleIntercept {s.intercept!r} in "
+                          f"{s.file.name}: the slope must be finite and non-zero, the intercept finite; HU cannot "
+                          f"be known")
     return slope, inter
 
 
@@ -509,7 +512,8 @@ def _read_series(path_or_files: str | Path | SeriesInfo | Sequence[str | Path],
     window = _window(first.ds) if first.ds is not None else first.h.window
     meta = {"patient": first.h.patient, "study_uid": first.h.study_uid, "series_uid": first.h.series_uid,
             "body_part": first.h.body_part, "files": [s.file for s in slices], "z": z.tolist(), "window": window,
-            "orientation": None if slices[0].orient is None else slices[0].orient.tolist(), "notes": notes, "dropped": dropped}
+            "orientation": None if slices[0].orient is None else slices[0].orient.tolist(), "notes": notes,
+            "dropped": dropped}
     return CTVolume(stored, slope, inter, (dz, float(px[0]), float(px[1])), meta)
 
 

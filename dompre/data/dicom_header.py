@@ -150,7 +150,7 @@ def _pixels(get: Callable[[str], Any], ts: str, implicit: bool, at: int | None, 
     rows, cols, bits, stored = (_us(get(k)) for k in ("Rows", "Columns", "BitsAllocated", "BitsStored"))
     samples, rep = _us(get("SamplesPerPixel")), _us(get("PixelRepresentation"))
     if not rows or not cols or not bits:
-        raise SeriesError(f"Rows {rows}, Columns {cols}, BitsAllocated {bits}: the image size is missing or 0")
+        raise SeriesError(f"no image size: Rows {rows}, Columns {cols}, BitsAllocated {bits} (missing or 0)")
     uid = UID(ts)
     little = not uid.is_transfer_syntax or uid.is_little_endian
     order = "little" if little else "big"
@@ -165,15 +165,16 @@ def _pixels(get: Callable[[str], Any], ts: str, implicit: bool, at: int | None, 
     left = size - offset
     if length == _UNDEFINED:  # encapsulated: each frame takes one item (8 bytes) at least
         if frames * 8 > left:
-            raise SeriesError(f"NumberOfFrames {frames} cannot fit in the {left} bytes of encapsulated pixel data")
+            raise SeriesError(f"pixel data too short: NumberOfFrames {frames} cannot fit in the {left} bytes of "
+                              f"encapsulated pixel data")
         return None
     if length > left:
         raise SeriesError(f"truncated: Pixel Data of {length} bytes at offset {offset} run past the end of the "
                           f"file ({size} bytes)")
     need = (rows * cols * frames * bits + 7) // 8  # a lower bound whatever the samples and their subsampling
     if not uid.is_compressed and need > length:
-        raise SeriesError(f"Pixel Data hold {length} bytes, fewer than the {need} that Rows {rows} x Columns "
-                          f"{cols} x {frames} frame(s) x BitsAllocated {bits} need")
+        raise SeriesError(f"pixel data too short: Pixel Data hold {length} bytes, fewer than the {need} that "
+                          f"Rows {rows} x Columns {cols} x {frames} frame(s) x BitsAllocated {bits} need")
     if (frames != 1 or ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) or bits not in (8, 16, 32)
             or (samples or 1) != 1 or rep not in (0, 1)
             or head[:4] != b"\xe0\x7f\x10\x00" or (not implicit and head[4:6] not in (b"OW", b"OB"))
@@ -245,7 +246,7 @@ class _Stop:
     def __call__(self, tag: int, vr: Any, length: int) -> bool:
         self.n += 1
         if self.n > _MAX_ELEMENTS:
-            raise SeriesError(f"more than {_MAX_ELEMENTS} elements before any pixel data; not a DICOM image")
+            raise SeriesError(f"not DICOM: more than {_MAX_ELEMENTS} elements before any pixel data")
         t = int(tag)  # pydicom's BaseTag compares in Python: one int() is cheaper
         if t >= 0x7FE00008 and t in (0x7FE00010, 0x7FE00009, 0x7FE00008):
             self.tag = t
@@ -265,7 +266,7 @@ def _pydicom_header(f: SizedFile) -> FileHeader:
     if _read_file_meta_info(f).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
         raise SeriesError("deflated transfer syntax (never used for CT; not inflated: it could be a zip bomb)")
     if f.read(2) == b"\x00\x00":  # pydicom reads command-group elements without its element limit
-        raise SeriesError("dataset starts with group 0000 (a network command, or zeros); not a DICOM image")
+        raise SeriesError("not DICOM: the dataset starts with group 0000 (a network command, or zeros)")
     f.seek(0)
     stop = _Stop()
     ds = read_partial(f, stop, force=True, specific_tags=list(_TAG.values()))

@@ -261,7 +261,8 @@ def _write_report(store_dir: Path, input_dir: Path, series: list[SeriesInfo], ba
                for r in rows for d in r.get("dropped", [])]
     skipped = [r for r in rows if r["status"] != "ok"]
     summary = {"series_ok": len(rows) - len(skipped), "series_skipped": len(skipped),
-               "files_skipped": len(files), "files_dropped": len(dropped), "inputs": sum(r.get("n_inputs", 0) for r in rows),
+               "files_skipped": len(files), "files_dropped": len(dropped),
+               "inputs": sum(r.get("n_inputs", 0) for r in rows),
                "slices": sum(r.get("n_slices", 0) for r in rows if r["status"] == "ok"),
                "resumed_series": resumed,
                "skip_reasons": dict(Counter(_reason_kind(r.get("reason", "")) for r in skipped + files))}
