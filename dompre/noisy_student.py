@@ -214,6 +214,7 @@ def run(recipe: PretrainRecipe) -> dict:
     from accelerate.utils import ProjectConfiguration
 
     from dompre.train.engine import CSVTracker, InputPrep, Position
+    from dompre.export import read_checkpoint_meta, record_metrics, run_preparation
     from dompre.train.evaluate import evaluate_model, write_json, write_report_tables
     from dompre.train.pseudo_label import label_store
 
@@ -250,7 +251,8 @@ def run(recipe: PretrainRecipe) -> dict:
             model, arch, info = _train_iteration(accelerator, recipe, data, it, stage, position, model)
             info.update(arch=arch, role="teacher" if it == 0 else "student",
                         input_size=[3, recipe.model.img_size, recipe.model.img_size],
-                        data=f"labeled {recipe.data.labeled_store}; unlabeled {recipe.data.unlabeled_store}")
+                        data=f"labeled {recipe.data.labeled_store}; unlabeled {recipe.data.unlabeled_store}",
+                        **run_preparation(recipe.data.labeled_store, recipe.data.unlabeled_store))
             if accelerator.is_main_process:
                 write_json(info_path, info)
             _save_checkpoint(accelerator, model, stage, arch, data.label_names, info)
@@ -266,6 +268,8 @@ def run(recipe: PretrainRecipe) -> dict:
             if accelerator.is_main_process:
                 write_json(metrics_path, metrics)
             accelerator.wait_for_everyone()
+        if accelerator.is_main_process and "metrics" not in read_checkpoint_meta(_checkpoint_dir(stage))["info"]:
+            record_metrics(_checkpoint_dir(stage), metrics)  # the model card shows them
         accelerator.log({f"eval/{s}_{m}": v for s in ("test", "hand", "val") for m, v in metrics.get(s, {}).items()
                          if m in ("auc", "f1", "precision", "recall") and v is not None}, step=it)
         results.append({"iteration": it, "model": info.get("arch", ""), "metrics": metrics,

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dompre  # noqa: F401  (registers maknet)
-from dompre.export import export_timm, load_checkpoint, save_checkpoint
+from dompre.export import (export_timm, is_export, load_checkpoint, record_metrics, save_checkpoint,
+                           store_preparation)
 
 LABELS = ["liver", "lung", "kidney", "bone", "spleen"]
 
@@ -82,27 +83,110 @@ def test_save_checkpoint_rejects_bad_arguments(tmp_path):
         load_checkpoint(tmp_path / "missing")
 
 
-def test_export_folder_has_timm_config_and_model_card(tmp_path, monkeypatch):
-    _, ck = _maknet(tmp_path, hu_window=[-160, 240])
+@pytest.fixture(scope="module")
+def ct_store(tmp_path_factory):
+    """A real `dompre ingest dicom` store of one synthetic patient, prepared with a soft-tissue window."""
+    from dompre.data.ingest import ingest_dicom, load_ingest_recipe
+    from dompre.data.synthetic import generate_cohort
+
+    root = tmp_path_factory.mktemp("ct")
+    generate_cohort(root / "cohort", patients=1, seed=0, layout="dicom", matrix=64, max_slices=60, quirk_rate=0)
+    recipe = load_ingest_recipe(None, ("prep.window=[-160,240]", "prep.size=32", "prep.stride=2",
+                                       "prep.min_slices=10"))
+    ingest_dicom(root / "cohort" / "dicom", root / "store", recipe=recipe, progress=False)
+    return root / "store"
+
+
+def _front_matter(card: str) -> dict:
+    head = card.split("---\n")[1]
+    return dict(line.split(": ", 1) for line in head.strip().splitlines())
+
+
+def test_card_and_config_facts_come_from_the_checkpoint_and_the_store(tmp_path, ct_store, monkeypatch):
+    prep = store_preparation(ct_store)
+    _, ck = _maknet(tmp_path, input_size=[3, 48, 48], preparation=prep)
+    kept = record_metrics(ck, {"thresholds": [0.5] * 5, "test": {"auc": 0.8123, "f1": 0.25, "n_inputs": 12},
+                               "test_per_label": {"liver": {"auc": 0.9}}})
+    assert kept == {"test": {"auc": 0.8123, "f1": 0.25, "n_inputs": 12}}
     _no_unpickling(monkeypatch)
     result = export_timm(ck, tmp_path / "out", card="demo export")
     assert result["max_abs_diff"] == 0.0
+    record = json.loads((ck / "checkpoint.json").read_text())
+    info = record["info"]
+    manifest = json.loads((ct_store / "manifest.json").read_text())
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert cfg["architecture"] == "maknet_tiny" and cfg["num_classes"] == 5 and cfg["label_names"] == LABELS
+    assert cfg["architecture"] == record["arch"] and cfg["num_classes"] == 5 and cfg["label_names"] == LABELS
+    assert cfg["model_args"] == record["model_kwargs"]
+    assert {"in_chans": 3, "global_pool": "fastcatavgmax", "num_classes": 5}.items() <= cfg["model_args"].items()
     pcfg = cfg["pretrained_cfg"]
-    assert pcfg["input_size"] == [3, 256, 256] and pcfg["mean"] == [0.5] * 3 and pcfg["std"] == [0.5] * 3
-    assert cfg["dompre"]["hu_window"] == [-160, 240] and cfg["dompre"]["slices"] == ["z-1", "z", "z+1"]
-    assert any("z-1, z, z+1" in n for n in pcfg["notes"])
+    assert pcfg["input_size"] == info["input_size"] and pcfg["mean"] == [0.5] * 3 and pcfg["std"] == [0.5] * 3
+    assert pcfg["license"] == "bsd-3-clause"
+    d = cfg["dompre"]
+    assert d["hu_window"] == manifest["info"]["prep"]["window"] == [-160.0, 240.0]
+    assert d["preparation"] == info["preparation"] and d["preparation"]["stride"] == 2 == manifest["info"]["prep"]["stride"]
+    assert d["preparation"]["size"] == manifest["image_size"] == 32 and d["slices"] == ["z-1", "z", "z+1"]
+    assert any("[-160.0, 240.0]" in n and "resized to 48x48" in n for n in pcfg["notes"])
     card = (tmp_path / "out" / "README.md").read_text()
-    for text in ("iteration: 2", "| auc | 0.8123 |", "synthetic cohort", "## Intended use", "## Limits",
-                 "demo export", "liver"):
+    front = _front_matter(card)
+    assert front["license"] == "bsd-3-clause" and front["pipeline_tag"] == "image-classification"
+    input_line = next(line for line in card.splitlines() if line.startswith("- Input:"))
+    assert input_line.startswith("- Input: 3x48x48;") and "256" not in input_line
+    assert "[-160.0, 240.0]" in input_line and "stored at 32x32" in input_line and "resized to 48x48" in input_line
+    for text in ("Noisy Student iteration: 2", "| test auc | 0.8123 |", "| test f1 | 0.2500 |",
+                 "| test n_inputs | 12 |", "stride=2", "source=dicom", info["data"], "## Intended use",
+                 "## Limits", "demo export", ", ".join(LABELS), '"in_chans": 3'):
         assert text in card, text
-    (tmp_path / "junk").mkdir()
-    (tmp_path / "junk" / "keep.txt").write_text("x")
-    with pytest.raises(ValueError, match="not a timm export"):
-        export_timm(ck, tmp_path / "junk")
-    export_timm(ck, tmp_path / "out", check=False)  # an earlier export is replaced
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert "none recorded" not in card and "apache" not in card
+    assert f"{sum(p.numel() for p in load_checkpoint(ck)[0].parameters()):,} parameters" in card
+
+
+def test_plain_timm_export_records_its_constructor_and_drops_imagenet_provenance(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=2, in_chans=1, global_pool="max").eval()
+    ck = save_checkpoint(model, tmp_path / "ck", arch="resnet18", label_names=["a", "b"])
+    kwargs = json.loads((ck / "checkpoint.json").read_text())["model_kwargs"]
+    assert {"in_chans": 1, "global_pool": "max", "num_classes": 2}.items() <= kwargs.items()
+    assert export_timm(ck, tmp_path / "out")["max_abs_diff"] == 0.0
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    pcfg = cfg["pretrained_cfg"]
+    assert pcfg["input_size"][0] == 1 and cfg["model_args"]["in_chans"] == 1
+    assert "paper_ids" not in pcfg and "origin_url" not in pcfg and pcfg["license"] == "bsd-3-clause"
+    assert cfg["dompre"]["hu_window"] is None and cfg["dompre"]["preparation"] is None
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "HU window: not recorded" in card and "arxiv" not in card.lower()
+
+
+def test_export_replaces_only_dompre_exports_unless_overwrite(tmp_path, capsys):
+    from dompre.cli import main
+
+    _, ck = _maknet(tmp_path)
+    out = tmp_path / "out"
+    export_timm(ck, out, check=False)
+    assert (out / ".dompre-export").is_file() and is_export(out)
+    (out / "README.md").write_text("stale")
+    export_timm(ck, out, check=False)  # an earlier export is replaced
+    assert sorted(p.name for p in out.iterdir()) == [".dompre-export", "README.md", "config.json",
+                                                      "model.safetensors"]
+    assert (out / "README.md").read_text() != "stale"
+    # a user's folder that merely holds a config.json is not an export: refused, nothing deleted
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"dompre": {}}')
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a dompre export.*--overwrite"):
+        export_timm(ck, mine, check=False)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert main(["export", str(ck), str(mine)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (mine / "notes.txt").is_file()
+    assert main(["export", str(ck), str(mine), "--overwrite"]) == 0
+    assert not (mine / "notes.txt").exists() and is_export(mine)
+    # an export written before the marker (only export files, config.json with a dompre block) is replaced
+    (mine / ".dompre-export").unlink()
+    assert is_export(mine)
+    (mine / "extra.txt").write_text("x")
+    assert not is_export(mine)
+    with pytest.raises(ValueError, match="not a dompre export"):
+        export_timm(ck, mine, check=False)
 
 
 def test_export_card_shows_an_explanation_montage(tmp_path):

@@ -60,7 +60,8 @@ CT_STD = (0.5, 0.5, 0.5)
 CT_HU_WINDOW = (-1024.0, 3071.0)
 THREE_SLICE_NOTE = (
     "in_chans are three consecutive CT slices (z-1, z, z+1) of one series, each HU-windowed to [0, 255] "
-    "(hu_window, default [-1024, 3071] HU), resized to 256x256, then scaled to [0, 1] and normalised by mean/std"
+    "(hu_window; LesaNet's default [-1024, 3071] HU), resized to input_size, then scaled to [0, 1] and normalised "
+    "by mean/std"
 )
 
 # Stage spec: (num_layers, growth, out_chs, kernel_size)
