@@ -1,6 +1,7 @@
 """Checkpoints and timm exports: round trips, strictness, no unpickling, and loading in a fresh process."""
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -199,10 +200,10 @@ def test_export_card_shows_an_explanation_montage(tmp_path):
     assert "![explanations](explanations.png)" in (tmp_path / "out" / "README.md").read_text()
 
 
-def _run_fresh(code: str) -> dict:
+def _run_fresh(code: str, **env: str) -> dict:
     """Run ``code`` in a new interpreter; it prints one JSON line."""
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+                          timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **env})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -211,36 +212,40 @@ _CHECK = """
     import json, sys, torch, timm
     {imports}
     from safetensors.torch import load_file, save_file
-    out, arch = {out!r}, {arch!r}
+    out, arch, kw = {out!r}, {arch!r}, {kwargs!r}
     torch.load = None  # loading must not unpickle
     x = load_file({x!r})["x"]
     m = timm.create_model("local-dir:" + out, pretrained=True).eval()
     k = timm.create_model("local-dir:" + out, pretrained=True, num_classes=3).eval()
     f = timm.create_model("local-dir:" + out, pretrained=True, features_only=True).eval()
-    # a named architecture: the weights file alone gives the backbone (the registry cfg's head size differs);
-    # with the exported num_classes in the overlay it also keeps the head
+    # a named architecture (with the card's constructor arguments): the weights file alone gives the backbone
+    # (the registry cfg's head size differs); with the exported num_classes in the overlay it keeps the head
     b = timm.create_model(arch, pretrained=True, num_classes=0,
-                          pretrained_cfg_overlay=dict(file=out + "/model.safetensors")).eval()
+                          pretrained_cfg_overlay=dict(file=out + "/model.safetensors"), **kw).eval()
     n = timm.create_model(arch, pretrained=True, num_classes=5,
-                          pretrained_cfg_overlay=dict(file=out + "/model.safetensors", num_classes=5)).eval()
+                          pretrained_cfg_overlay=dict(file=out + "/model.safetensors", num_classes=5), **kw).eval()
     with torch.no_grad():
         save_file({{"y": m(x), "yn": n(x), "fb": b.forward_features(x), "fm": m.forward_features(x)}}, {y!r})
         print(json.dumps(dict(k=list(k(x).shape), feats=len(f(x)), dompre="dompre" in sys.modules,
-                              labels=list(m.pretrained_cfg.get("label_names") or []))))
+                              labels=list(m.pretrained_cfg.get("label_names") or []),
+                              input_size=list(m.pretrained_cfg["input_size"]), in_chans=m.in_chans)))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["maknet_tiny", "resnet18"])
-def test_export_loads_in_a_fresh_process_with_equal_outputs(tmp_path, arch):
+@pytest.mark.parametrize("arch,kwargs", [("maknet_tiny", {}), ("resnet18", {"in_chans": 1, "global_pool": "max"})])
+def test_export_loads_in_a_fresh_process_with_equal_outputs(tmp_path, ct_store, arch, kwargs):
+    """MAKNet with `import dompre`; a plain timm architecture (1 channel, max pooling) without it."""
     torch.manual_seed(0)
-    model = timm.create_model(arch, num_classes=5).eval()
-    ck = save_checkpoint(model, tmp_path / "ck", arch=arch, label_names=LABELS)
+    model = timm.create_model(arch, num_classes=5, **kwargs).eval()
+    c = kwargs.get("in_chans", 3)
+    ck = save_checkpoint(model, tmp_path / "ck", arch=arch, label_names=LABELS,
+                         info=dict(input_size=[c, 48, 48], preparation=store_preparation(ct_store)))
     export_timm(ck, tmp_path / "out", check=False)
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, c, 64, 64)
     save_file({"x": x}, tmp_path / "x.safetensors")
     imports = "import dompre" if arch.startswith("maknet") else ""
-    res = _run_fresh(_CHECK.format(imports=imports, out=str(tmp_path / "out"), arch=arch,
+    res = _run_fresh(_CHECK.format(imports=imports, out=str(tmp_path / "out"), arch=arch, kwargs=kwargs,
                                    x=str(tmp_path / "x.safetensors"), y=str(tmp_path / "y.safetensors")))
     with torch.no_grad():
         expected = model(x)
@@ -250,6 +255,46 @@ def test_export_loads_in_a_fresh_process_with_equal_outputs(tmp_path, arch):
     torch.testing.assert_close(got["fb"], got["fm"], rtol=0, atol=0)
     assert res["k"] == [2, 3] and res["feats"] >= 4 and res["labels"] == LABELS
     assert res["dompre"] is arch.startswith("maknet")
+    record = json.loads((ck / "checkpoint.json").read_text())
+    assert res["input_size"] == record["info"]["input_size"] and res["in_chans"] == record["model_kwargs"]["in_chans"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"- Input: {c}x48x48;" in card and ("import dompre" in card) is arch.startswith("maknet")
+
+
+@pytest.mark.slow
+def test_hub_layout_is_push_to_hf_hubs_folder_and_loads_from_an_offline_hub_cache(tmp_path, monkeypatch):
+    from timm.models import save_for_hf
+
+    model, ck = _maknet(tmp_path)
+    repo = "dompre-test/maknet-tiny-ct"
+    export_timm(ck, tmp_path / "hub", hub_repo=repo, card="hub export")
+    # push_to_hf_hub(..., safe_serialization=True) uploads save_for_hf's files plus README.md
+    save_for_hf(model, str(tmp_path / "timm"), safe_serialization=True)
+    want = sorted([p.name for p in (tmp_path / "timm").iterdir()] + ["README.md"])
+    assert sorted(p.name for p in (tmp_path / "hub").iterdir() if not p.name.startswith(".")) == want
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert f'timm.create_model("hf-hub:{repo}", pretrained=True)' in card and "local-dir" not in card
+    # a local Hugging Face cache holding that folder as the repo's main revision
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    cache = tmp_path / "hf-cache"
+    shutil.copytree(tmp_path / "hub", cache / f"models--{repo.replace('/', '--')}" / "snapshots" / rev,
+                    ignore=shutil.ignore_patterns(".*"))
+    (cache / f"models--{repo.replace('/', '--')}" / "refs").mkdir()
+    (cache / f"models--{repo.replace('/', '--')}" / "refs" / "main").write_text(rev)
+    x = torch.randn(2, 3, 64, 64)
+    save_file({"x": x}, tmp_path / "x.safetensors")
+    res = _run_fresh(f"""
+        import json, torch, timm, dompre
+        from safetensors.torch import load_file, save_file
+        torch.load = None
+        m = timm.create_model("hf-hub:{repo}", pretrained=True).eval()
+        with torch.no_grad():
+            save_file({{"y": m(load_file({str(tmp_path / "x.safetensors")!r})["x"])}}, {str(tmp_path / "y.safetensors")!r})
+        print(json.dumps(dict(labels=list(m.pretrained_cfg.get("label_names") or []))))
+    """, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    with torch.no_grad():
+        torch.testing.assert_close(load_file(tmp_path / "y.safetensors")["y"], model(x), rtol=1e-5, atol=1e-5)
+    assert res["labels"] == LABELS
 
 
 def test_cli_export_writes_and_reports(tmp_path, capsys):
