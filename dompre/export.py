@@ -357,10 +357,13 @@ def _write_export(model: nn.Module, folder: Path, arch: str, info: Mapping[str, 
     hu_window = _hu_window(info)
     note = _input_note(info, data_config)
     label_names = info.get("label_names")
-    # the registry cfg of a non-MAKNet arch describes its ImageNet weights (papers, origin, license): not these
-    model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in _SOURCE_FIELDS}
+    # the registry cfg of a non-MAKNet arch describes its ImageNet weights (papers, origin, license): not these;
+    # MAKNet's (written by dompre) keeps its paper name
+    drop = _SOURCE_FIELDS if not arch.startswith("maknet") else ("notes", "license", "tag")
+    model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in drop}
+    notes = (note, f"hu_window={hu_window}" if hu_window else "hu_window not recorded")
     model_config: dict[str, Any] = dict(pretrained_cfg=dict(
-        tag="dompre", license=card.get("license", LICENSE), notes=(note, f"hu_window={hu_window}"),
+        tag="dompre", license=card.get("license", LICENSE), notes=notes,
         description=card.get("title", f"dompre CT domain-pretrained {arch}")))
     if label_names:
         model_config["label_names"] = list(label_names)

@@ -121,7 +121,7 @@ def test_card_and_config_facts_come_from_the_checkpoint_and_the_store(tmp_path, 
     assert {"in_chans": 3, "global_pool": "fastcatavgmax", "num_classes": 5}.items() <= cfg["model_args"].items()
     pcfg = cfg["pretrained_cfg"]
     assert pcfg["input_size"] == info["input_size"] and pcfg["mean"] == [0.5] * 3 and pcfg["std"] == [0.5] * 3
-    assert pcfg["license"] == "bsd-3-clause"
+    assert pcfg["license"] == "bsd-3-clause" and "MAKNet" in pcfg["paper_name"]
     d = cfg["dompre"]
     assert d["hu_window"] == manifest["info"]["prep"]["window"] == [-160.0, 240.0]
     assert d["preparation"] == info["preparation"] and d["preparation"]["stride"] == 2 == manifest["info"]["prep"]["stride"]
@@ -151,7 +151,8 @@ def test_plain_timm_export_records_its_constructor_and_drops_imagenet_provenance
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     pcfg = cfg["pretrained_cfg"]
     assert pcfg["input_size"][0] == 1 and cfg["model_args"]["in_chans"] == 1
-    assert "paper_ids" not in pcfg and "origin_url" not in pcfg and pcfg["license"] == "bsd-3-clause"
+    assert not {"paper_ids", "paper_name", "origin_url", "hf_hub_id"} & set(pcfg) and pcfg["license"] == "bsd-3-clause"
+    assert "hu_window not recorded" in pcfg["notes"]
     assert cfg["dompre"]["hu_window"] is None and cfg["dompre"]["preparation"] is None
     card = (tmp_path / "out" / "README.md").read_text()
     assert "HU window: not recorded" in card and "arxiv" not in card.lower()
