@@ -306,11 +306,15 @@ def _card(arch: str, model: nn.Module, info: Mapping[str, Any], data_config: Map
              f"- Input: {'x'.join(str(v) for v in data_config['input_size'])}; {_input_note(info, data_config)}",
              f"- HU window: {window if window else 'not recorded'}; mean {list(data_config['mean'])}, "
              f"std {list(data_config['std'])}"]
+    keys = ("source", "window", "window_source", "size", "crop", "keep_aspect", "stride", "slice_interval",
+            "neighbours", "interval_mm", "store")
     if prep:
-        keys = ("source", "window", "window_source", "size", "crop", "keep_aspect", "stride", "slice_interval",
-                "neighbours", "interval_mm", "store")
         lines.append("- Preparation (from the store manifest): "
                      + ", ".join(f"{k}={prep[k]}" for k in keys if k in prep))
+    if "unlabeled_preparation" in info:
+        other = info["unlabeled_preparation"] or {}
+        lines.append("- The unlabeled store was prepared otherwise: "
+                     + (", ".join(f"{k}={other[k]}" for k in keys if k in other) or "not recorded"))
     lines += ["", "## Data", str(info.get("data") or card.get("data") or "not recorded"), "",
               "## Training", f"- Noisy Student iteration: {info.get('iteration', 'not recorded')}"]
     for key in ("role", "recipe", "seed", "epochs", "steps"):

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dompre  # noqa: F401  (registers maknet)
-from dompre.export import (export_timm, is_export, load_checkpoint, record_metrics, save_checkpoint,
-                           store_preparation)
+from dompre.export import (export_timm, is_export, load_checkpoint, record_metrics, run_preparation,
+                           save_checkpoint, store_preparation)
 
 LABELS = ["liver", "lung", "kidney", "bone", "spleen"]
 
@@ -139,6 +139,21 @@ def test_card_and_config_facts_come_from_the_checkpoint_and_the_store(tmp_path, 
         assert text in card, text
     assert "none recorded" not in card and "apache" not in card
     assert f"{sum(p.numel() for p in load_checkpoint(ck)[0].parameters()):,} parameters" in card
+
+
+def test_run_preparation_names_an_unlabeled_store_prepared_otherwise(ct_store, tmp_path):
+    from dompre.data.ingest import ingest_dicom, load_ingest_recipe
+    from dompre.data.store import StoreWriter
+
+    ingest_dicom(ct_store.parent / "cohort" / "dicom", tmp_path / "wide", progress=False,
+                 recipe=load_ingest_recipe(None, ("prep.size=32", "prep.min_slices=10")))
+    assert run_preparation(ct_store, ct_store) == {"preparation": store_preparation(ct_store)}
+    both = run_preparation(ct_store, tmp_path / "wide")
+    assert both["preparation"]["window"] == [-160.0, 240.0]
+    assert both["unlabeled_preparation"]["window"] == [-1024.0, 3071.0]
+    with StoreWriter(tmp_path / "bare", image_size=32) as w:  # not written by `dompre ingest`
+        w.commit_unit("u")
+    assert store_preparation(tmp_path / "bare") is None
 
 
 def test_plain_timm_export_records_its_constructor_and_drops_imagenet_provenance(tmp_path):
