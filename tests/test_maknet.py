@@ -190,3 +190,13 @@ def test_grad_checkpointed_intermediates_and_pruning():
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), taps[2])
         assert model(x).shape == taps[2].shape  # head removed, pooling too
+
+
+def test_the_import_time_timm_check_is_the_declared_floor():
+    import re
+    from pathlib import Path
+
+    from dompre.models.maknet import TIMM_FLOOR
+
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert re.findall(r'"timm>=([0-9.]+)"', text) == [".".join(map(str, TIMM_FLOOR))]

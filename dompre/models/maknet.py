@@ -40,11 +40,19 @@ Input convention: the three channels are three consecutive CT slices (z−1, z, 
 [0, 255] (default window [−1024, 3071] HU as LesaNet), scaled to [0, 1] and normalised with mean/std 0.5.
 """
 # No `from __future__ import annotations`: TorchScript cannot resolve string annotations.
+import re
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+TIMM_FLOOR = (1, 0, 31)  # as pyproject.toml: ClassifierHead.num_features, device/dtype on timm layers, get_model_args
+if tuple(int(v) for v in re.findall(r"\d+", timm.__version__)[:3]) < TIMM_FLOOR:
+    raise ImportError(f"dompre needs timm >= {'.'.join(map(str, TIMM_FLOOR))}, found timm {timm.__version__}; "
+                      f"run: pip install 'timm>={'.'.join(map(str, TIMM_FLOOR))}'")
+
 from timm.layers import BatchNormAct2d, ClassifierHead, ConvNormAct, DropPath, calculate_drop_path_rates
 from timm.layers.cbam import CbamModule
 from timm.models import (build_model_with_cfg, checkpoint, checkpoint_seq, clean_state_dict, generate_default_cfgs,
