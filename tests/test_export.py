@@ -124,7 +124,8 @@ def test_card_and_config_facts_come_from_the_checkpoint_and_the_store(tmp_path, 
     assert pcfg["license"] == "bsd-3-clause" and "MAKNet" in pcfg["paper_name"]
     d = cfg["dompre"]
     assert d["hu_window"] == manifest["info"]["prep"]["window"] == [-160.0, 240.0]
-    assert d["preparation"] == info["preparation"] and d["preparation"]["stride"] == 2 == manifest["info"]["prep"]["stride"]
+    assert d["preparation"] == info["preparation"]
+    assert d["preparation"]["stride"] == 2 == manifest["info"]["prep"]["stride"]
     assert d["preparation"]["size"] == manifest["image_size"] == 32 and d["slices"] == ["z-1", "z", "z+1"]
     assert any("[-160.0, 240.0]" in n and "resized to 48x48" in n for n in pcfg["notes"])
     card = (tmp_path / "out" / "README.md").read_text()
@@ -305,7 +306,8 @@ def test_hub_layout_is_push_to_hf_hubs_folder_and_loads_from_an_offline_hub_cach
         torch.load = None
         m = timm.create_model("hf-hub:{repo}", pretrained=True).eval()
         with torch.no_grad():
-            save_file({{"y": m(load_file({str(tmp_path / "x.safetensors")!r})["x"])}}, {str(tmp_path / "y.safetensors")!r})
+            y = m(load_file({str(tmp_path / "x.safetensors")!r})["x"])
+            save_file({{"y": y}}, {str(tmp_path / "y.safetensors")!r})
         print(json.dumps(dict(labels=list(m.pretrained_cfg.get("label_names") or []))))
     """, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
     with torch.no_grad():

@@ -26,7 +26,7 @@ parameters per row include BatchNorm and CBAM):
     1      32×32       3       64      3       64 + 3·64 = 256     1×1 → 128       133,861
     2      16×16       6       96      3       128 + 6·96 = 704    1×1 → 352     1,113,125
     3      8×8         6       128     3       352 + 6·128 = 1120  1×1 → 768     3,001,445
-    head   catavgmax 1536 → dropout → Linear(1536, 115) → SPL Linear(115, 115)     190,095
+    head   fastcatavgmax 1536 → dropout → Linear(1536, 115) → SPL Linear(115, 115)     190,095
     =====  ==========  ======  ======  ======  ==================  ===========  ==========
 
 Total 4,473,155 parameters for 115 classes (paper: 4.50M; 0.40× ResNet18's 11.24M with the same head) and
@@ -185,7 +185,7 @@ class MAKStage(nn.Module):
 
 
 class MAKNet(nn.Module):
-    """MAKNet backbone + catavgmax classifier + score propagation layer, with the timm model interface.
+    """MAKNet backbone + concat avg‖max pooling classifier + score propagation layer, with the timm model interface.
 
     Args:
         stages: one ``(num_layers, growth, out_chs, kernel_size)`` per stage (each stage downsamples by 2).
