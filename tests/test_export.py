@@ -324,3 +324,14 @@ def test_cli_export_writes_and_reports(tmp_path, capsys):
     assert "from the CLI" in (tmp_path / "out" / "README.md").read_text()
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "out2")]) == 2
     assert "checkpoint.json" in capsys.readouterr().err
+
+
+def test_cli_hub_layout_names_the_repo_and_rejects_a_bad_one(tmp_path, capsys):
+    from dompre.cli import main
+
+    _, ck = _maknet(tmp_path)
+    assert main(["export", str(ck), str(tmp_path / "hub"), "--hub-layout", "me/ct-model"]) == 0
+    assert "hf-hub:me/ct-model" in capsys.readouterr().out
+    assert 'timm.create_model("hf-hub:me/ct-model", pretrained=True)' in (tmp_path / "hub" / "README.md").read_text()
+    assert main(["export", str(ck), str(tmp_path / "hub2"), "--hub-layout", "no-owner"]) == 2
+    assert "OWNER/NAME" in capsys.readouterr().err and not (tmp_path / "hub2").exists()
