@@ -205,8 +205,13 @@ def _run_study(args: argparse.Namespace) -> int:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a checkpoint as a timm folder (config.json, model.safetensors, README.md)")
     p.add_argument("checkpoint", help="checkpoint folder (model.safetensors + checkpoint.json)")
-    p.add_argument("out_dir", help="export folder (new, empty, or an earlier export, which is replaced)")
+    p.add_argument("out_dir", help="export folder (new, empty, or an earlier dompre export, which is replaced)")
     p.add_argument("--card-note", default=None, help="a note added to the README.md model card")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR even when it is not a dompre export (deletes everything in it)")
+    p.add_argument("--hub-layout", default=None, metavar="OWNER/NAME",
+                   help="write exactly the files timm.models.push_to_hf_hub uploads (safetensors, config, card "
+                        "naming hf-hub:OWNER/NAME); upload the folder with huggingface_hub")
     p.add_argument("--explain", nargs="+", default=None, metavar="INPUT",
                    help="example inputs (STORE_DIR:3,7,9, SERIES_DIR@SLICE, PNG) whose integrated-gradient "
                         "montage goes into the model card")
@@ -222,16 +227,22 @@ def _run_export(args: argparse.Namespace) -> int:
 
         from dompre.explain import parse_inputs
         meta = read_checkpoint_meta(args.checkpoint)
-        size = tuple(meta.get("info", {}).get("input_size") or (3, 256, 256))[-2:]
+        info = meta.get("info", {})
+        size = tuple(info.get("input_size") or (3, *[(info.get("preparation") or {}).get("size") or 256] * 2))[-2:]
         items, skipped = parse_inputs(args.explain, meta.get("label_names") or [], size)
         for spec, reason in skipped:
             print(f"export: skipped explanation input {spec}: {reason}", file=sys.stderr)
         images = np.stack([it.image for it in items]) if items else None
+    if images is not None and args.hub_layout:
+        print("export: --explain is left out of --hub-layout (push_to_hf_hub uploads no montage)", file=sys.stderr)
     r = export_timm(args.checkpoint, args.out_dir, card={"note": args.card_note} if args.card_note else None,
-                    explain_images=images)
+                    explain_images=images, overwrite=args.overwrite, hub_repo=args.hub_layout)
     print(f"exported {r['arch']} ({r['params']:,} parameters, {r['num_classes']} outputs) -> {r['out_dir']}")
     print(f"checked: timm.create_model('local-dir:{r['out_dir']}', pretrained=True) gives the same outputs "
           f"(max |diff| {r['max_abs_diff']:.2g})")
+    if args.hub_layout:
+        print(f"hub layout: upload {r['out_dir']} to {args.hub_layout}; load with "
+              f"timm.create_model('hf-hub:{args.hub_layout}', pretrained=True)")
     return 0
 
 

@@ -256,6 +256,8 @@ def train_arm(accelerator, recipe: PretrainRecipe, data: RunData, name: str, *, 
     trains on the truth); ``noise=False`` trains without input noise, dropout and drop path (plain
     self-training, the ablation). Returns the model in eval mode.
     """
+    from dompre.export import run_preparation
+
     out = Path(recipe.output_dir)
     stage = out / f"arm-{name}"
     stage.mkdir(parents=True, exist_ok=True)
@@ -271,7 +273,8 @@ def train_arm(accelerator, recipe: PretrainRecipe, data: RunData, name: str, *, 
     teacher = _load_checkpoint(out / "iter0", data.label_names)
     model, arch, info = _train_iteration(accelerator, recipe, data, 1, stage, stage_position(accelerator),
                                          teacher, targets)
-    info.update(arch=arch, role=f"arm {name}", noise=noise, input_size=[3, recipe.model.img_size, recipe.model.img_size])
+    info.update(arch=arch, role=f"arm {name}", noise=noise, input_size=[3, recipe.model.img_size, recipe.model.img_size],
+                **run_preparation(recipe.data.labeled_store, recipe.data.unlabeled_store))
     _save_checkpoint(accelerator, model, stage, arch, data.label_names, info)
     return model.eval()
 
@@ -280,6 +283,7 @@ def run(recipe: PretrainRecipe, accelerator=None) -> dict:
     """Run (or resume) the whole Noisy Student loop; returns the per-iteration results and report paths.
 
     ``accelerator``: reuse one (the benchmark trains its arms with it); by default the run makes its own."""
+    from dompre.export import read_checkpoint_meta, record_metrics, run_preparation
     from dompre.train.engine import InputPrep
     from dompre.train.evaluate import evaluate_model, write_json, write_report_tables
     from dompre.train.pseudo_label import label_store
@@ -309,7 +313,8 @@ def run(recipe: PretrainRecipe, accelerator=None) -> dict:
             model, arch, info = _train_iteration(accelerator, recipe, data, it, stage, position, model)
             info.update(arch=arch, role="teacher" if it == 0 else "student",
                         input_size=[3, recipe.model.img_size, recipe.model.img_size],
-                        data=f"labeled {recipe.data.labeled_store}; unlabeled {recipe.data.unlabeled_store}")
+                        data=f"labeled {recipe.data.labeled_store}; unlabeled {recipe.data.unlabeled_store}",
+                        **run_preparation(recipe.data.labeled_store, recipe.data.unlabeled_store))
             if accelerator.is_main_process:
                 write_json(info_path, info)
             _save_checkpoint(accelerator, model, stage, arch, data.label_names, info)
@@ -325,6 +330,8 @@ def run(recipe: PretrainRecipe, accelerator=None) -> dict:
             if accelerator.is_main_process:
                 write_json(metrics_path, metrics)
             accelerator.wait_for_everyone()
+        if accelerator.is_main_process and "metrics" not in read_checkpoint_meta(_checkpoint_dir(stage))["info"]:
+            record_metrics(_checkpoint_dir(stage), metrics)  # the model card shows them
         accelerator.log({f"eval/{s}_{m}": v for s in ("test", "hand", "val") for m, v in metrics.get(s, {}).items()
                          if m in ("auc", "f1", "precision", "recall") and v is not None}, step=it)
         results.append({"iteration": it, "model": info.get("arch", ""), "metrics": metrics,

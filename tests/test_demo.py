@@ -21,3 +21,11 @@ def test_demo_runs_every_stage_and_reports(tmp_path):
     assert (tmp_path / "demo" / "report" / "backbone" / "model.safetensors").is_file()
     assert {r["init"] for r in s["downstream"]["summary"]} == {"random", "domain"}
     assert json.loads((tmp_path / "demo" / "report" / "summary.json").read_text())["verdict"] == s["verdict"]
+    # the exported backbone's preparation and metrics travelled from the store manifest and the run
+    backbone = tmp_path / "demo" / "report" / "backbone"
+    cfg = json.loads((backbone / "config.json").read_text())
+    prep = json.loads((tmp_path / "demo" / "stores" / "deeplesion" / "manifest.json").read_text())["info"]["prep"]
+    assert cfg["dompre"]["hu_window"] == prep["window"] and cfg["dompre"]["preparation"]["stride"] == prep["stride"]
+    assert cfg["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    card = (backbone / "README.md").read_text()
+    assert "| test auc |" in card and "none recorded" not in card and "- Input: 3x32x32;" in card

@@ -139,7 +139,8 @@ def _weights_state_dict(path: Path) -> dict:
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
-    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    from timm.models import clean_state_dict  # strips DDP `module.` / torch.compile `_orig_mod.` prefixes
+    return {k: v for k, v in clean_state_dict(sd).items() if isinstance(v, torch.Tensor)}
 
 
 def load_weights_file(model: nn.Module, path: str | Path) -> dict:
