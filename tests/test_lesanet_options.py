@@ -68,3 +68,6 @@ def test_lesanet_recipe_with_rhem_triplet_and_box_augment_runs(tmp_path):
     assert res["task"] == "multilabel" and np.isfinite(res["history"][0][0]["train_loss"])
     with pytest.raises(ValueError, match="LesaNet options"):
         load_finetune_recipe(None, ["data.kind=kvasir", f"data.root={dl}", "train.rhem=true"])
+    with pytest.raises(ValueError, match="multi-label"):
+        load_finetune_recipe(None, ["data.kind=deeplesion_type", f"data.root={dl}", "model.head=lesanet",
+                                    "train.rhem=true"])

@@ -104,6 +104,11 @@ def test_imagenet_init_offline_fails_at_once_with_one_line(kvasir, tmp_path, mon
     assert rc == 2 and len(err) == 1 and "Traceback" not in err[0]
     assert "init=file" in err[0] and "pretrained=True" in err[0] and "test_resnet" in err[0]
     assert not (tmp_path / "r" / "metrics.json").exists()
+    rc = main(["study", str(ROOT / "recipes" / "kvasir.yaml"), f"data.root={kvasir}", "model.arch=test_resnet",
+               "--init", "random,imagenet", "--tsne", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "init=file" in err[0]
+    assert not (tmp_path / "s").exists()  # stopped before the random cells ran, not at the first ImageNet cell
 
 
 def test_small_cnn_is_four_7x7_blocks_registered_in_timm():
@@ -181,12 +186,12 @@ def test_head_penalty_closed_form_and_it_shrinks_the_classifier(kvasir, tmp_path
     with torch.no_grad():
         head.weight[:] = torch.tensor([[1.0, -2.0]])
         head.bias[:] = 3.0
-    assert float(head_penalty(head, 0.5, 0.0)) == pytest.approx(3.0)
-    assert float(head_penalty(head, 0.0, 0.1)) == pytest.approx(1.4)
+    assert float(head_penalty(head, 0.5, 0.0).detach()) == pytest.approx(3.0)
+    assert float(head_penalty(head, 0.0, 0.1).detach()) == pytest.approx(1.4)
     assert head_penalty(head, 0, 0) is None
     norms = {}
     for name, extra in (("plain", []), ("l1", ["train.head_l1=10"]), ("l2", ["train.head_l2=10"])):
-        run_finetune(_recipe(kvasir, tmp_path / name, "train.lr=0.01", "train.epochs=3", "train.max_steps_per_epoch=2",
+        run_finetune(_recipe(kvasir, tmp_path / name, "train.lr=0.01", "train.epochs=2", "train.max_steps_per_epoch=2",
                              "train.weight_decay=0", "train.sched=none", "train.freeze=100", *extra))
         norms[name] = float(load_file(str(tmp_path / name / "model_0.safetensors"))["fc.weight"].abs().sum())
     assert norms["l1"] < 0.8 * norms["plain"] and norms["l2"] < 0.8 * norms["plain"]
@@ -264,5 +269,7 @@ def test_clahe_option_equalises_the_images(kvasir, tmp_path):
     plain = Kvasir(kvasir, image_size=32)
     eq = Kvasir(kvasir, image_size=32, transform=Clahe(2.0, 8, color=True))
     assert torch.equal(eq[3]["image"], Clahe(2.0, 8, color=True)(plain[3]["image"]))
-    res = run_finetune(_recipe(kvasir, tmp_path / "c", "data.clahe=true"))
-    assert "mcc" in res["test"]
+    from dompre.train.finetune import prepare_data
+    ds, _ = prepare_data(_recipe(kvasir, tmp_path / "c", "data.clahe=true", "data.clahe_tiles=4"))
+    assert torch.equal(ds[3]["image"], Clahe(2.0, 4, color=True)(plain[3]["image"]))  # the recipe switch applies it
+    assert not torch.equal(ds[3]["image"], plain[3]["image"])

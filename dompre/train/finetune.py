@@ -436,13 +436,12 @@ def run_features(recipe: FinetuneRecipe, ds, splits: dict) -> dict:
     linear classifier."""
     from accelerate.utils import set_seed
 
-    from dompre.train.features import fit_linear, linear_scores
+    from dompre.train.features import extract, fit_encoding, fit_linear, linear_scores
     set_seed(recipe.seed)
     model, init_info = build_model(recipe, len(ds.label_names))
     mean, std = _norm_stats(model, recipe.data.channels)
     dl = (lambda idx: torch.utils.data.DataLoader(_View(ds, idx), batch_size=recipe.train.eval_batch_size,
                                                   num_workers=recipe.data.num_workers))
-    from dompre.train.features import extract, fit_encoding
     t, out = recipe.train, {}
     for name in ("train", "val", "test"):
         out[name] = extract(model, dl(splits[name]), mean, std, layer=str(t.feature_layer), pool=t.feature_pool,
@@ -583,7 +582,10 @@ def run_finetune(recipe: FinetuneRecipe, out_dir: str | Path | None = None) -> d
                                 "best_val_score": float(np.mean([c["best_val_score"] for c in conv])),
                                 "per_model": conv}
     if recipe.train.save_features and "features" in test:
-        np.savez(out / "features.npz", features=np.asarray(test["features"], np.float32), labels=test["labels"])
+        import io
+        buf = io.BytesIO()
+        np.savez(buf, features=np.asarray(test["features"], np.float32), labels=test["labels"])
+        write_atomic(out / "features.npz", buf.getvalue())
     result = {"task": ds.task, "dataset": recipe.data.kind, "label_names": ds.label_names,
               "n": {s: int(len(v)) for s, v in splits.items()}, "skipped": len(ds.skipped),
               "init": init_info, "strategy": recipe.train.strategy, "freeze_percent": recipe.train.freeze,

@@ -150,6 +150,9 @@ def run_study(recipe: FinetuneRecipe | str | Path, *, inits=("random", "domain")
         recipe = load_finetune_recipe(recipe, list(overrides))
     if seeds < 1:
         raise ValueError(f"seeds={seeds}: use 1 or more (2 or more to compare against the spread)")
+    if "imagenet" in inits or ("meanvar" in inits and not (weights or recipe.model.weights)):
+        from dompre.train.transfer import check_imagenet_weights
+        check_imagenet_weights(recipe.model.arch)  # before any cell runs, not at the first ImageNet cell
     out = Path(out_dir or Path(recipe.out_dir) / "study")
     out.mkdir(parents=True, exist_ok=True)
     strategies = tuple(strategies or (recipe.train.strategy,))

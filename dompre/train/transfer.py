@@ -94,6 +94,9 @@ def check_options(recipe) -> None:
     if (t.rhem or t.triplet_weight or t.box_augment) and m.head != "lesanet":
         raise ValueError("train.rhem, train.triplet_weight and train.box_augment are LesaNet options: set "
                          "model.head=lesanet (with data.kind lesanet)")
+    if t.rhem and recipe.data.kind != "lesanet":
+        raise ValueError(f"train.rhem mines lesion-label pairs of a multi-label task: use data.kind=lesanet, "
+                         f"not {recipe.data.kind}")
     if not 0 < t.rhem_fraction <= 1:
         raise ValueError(f"train.rhem_fraction={t.rhem_fraction}: a share in (0, 1]")
     if any(s < 8 for s in t.feature_scales):
