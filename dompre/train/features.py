@@ -70,10 +70,15 @@ def pool_map(fmap: torch.Tensor, how: str) -> torch.Tensor:
 
 @torch.no_grad()
 def extract(model: nn.Module, loader, mean: torch.Tensor, std: torch.Tensor, *, layer: str = "",
-            pool: str = "avg", scales: tuple[int, ...] = (), local: bool = False
-            ) -> tuple[list | np.ndarray, np.ndarray, float]:
-    """Features of every sample of ``loader``: (N, D) pooled features, or with ``local`` a list of (n_i, C) local
-    descriptor arrays; labels (N, L); forward seconds."""
+            pool: str = "avg", scales: tuple[int, ...] = (), local: bool = False, keep: int = 0,
+            encode=None, seed: int = 0) -> tuple[list | np.ndarray, np.ndarray, float]:
+    """Features of every sample of ``loader`` and their labels (N, L) and forward seconds.
+
+    Features: (N, D) pooled features; with ``local`` the local descriptors of each image, either encoded batch by
+    batch with ``encode`` (list of (n_i, C) -> (B, D); the descriptors of a dataset never sit in memory at once),
+    or a list of (n_i, C) arrays, at most ``keep`` random descriptors an image when ``keep`` > 0.
+    """
+    rng = np.random.default_rng(seed)
     model.eval()
     device = next(model.parameters()).device
     module = resolve_layer(model, layer)
@@ -97,7 +102,12 @@ def extract(model: nn.Module, loader, mean: torch.Tensor, std: torch.Tensor, *, 
                                      f"convolutional layer (N, C, H, W)")
                 per_scale.append(fmap.flatten(2).transpose(1, 2) if local else pool_map(fmap, pool))
             if local:  # (B, positions over all scales, C)
-                feats.extend(torch.cat(per_scale, 1).float().cpu().numpy())
+                desc = list(torch.cat(per_scale, 1).float().cpu().numpy())
+                if encode is not None:
+                    feats.append(np.asarray(encode(desc)))
+                else:
+                    feats.extend(d[rng.choice(len(d), keep, replace=False)] if 0 < keep < len(d) else d
+                                 for d in desc)
             else:
                 feats.append(torch.cat(per_scale, 1).float().cpu().numpy())
             seconds += time.perf_counter() - t0
@@ -105,7 +115,8 @@ def extract(model: nn.Module, loader, mean: torch.Tensor, std: torch.Tensor, *, 
     finally:
         if tap is not None:
             tap.close()
-    return (feats if local else np.concatenate(feats)), np.concatenate(labels), seconds
+    as_list = local and encode is None
+    return (feats if as_list else np.concatenate(feats)), np.concatenate(labels), seconds
 
 
 def vlad(descriptors: list[np.ndarray], centres: np.ndarray) -> np.ndarray:

@@ -443,11 +443,17 @@ def run_features(recipe: FinetuneRecipe, ds, splits: dict) -> dict:
     dl = (lambda idx: torch.utils.data.DataLoader(_View(ds, idx), batch_size=recipe.train.eval_batch_size,
                                                   num_workers=recipe.data.num_workers))
     t, out = recipe.train, {}
-    for name in ("train", "val", "test"):
-        out[name] = extract(model, dl(splits[name]), mean, std, layer=str(t.feature_layer), pool=t.feature_pool,
-                            scales=t.feature_scales, local=t.feature_encoding == "vlad")
-    encode = fit_encoding(out["train"][0], t.feature_encoding, pca_dim=t.pca_dim, vlad_k=t.vlad_k, seed=recipe.seed)
-    out = {name: (encode(f), y, sec) for name, (f, y, sec) in out.items()}
+    kw = dict(layer=str(t.feature_layer), pool=t.feature_pool, scales=t.feature_scales, seed=recipe.seed)
+    if t.feature_encoding == "vlad":  # k-means on a sample of the train descriptors, then VLAD batch by batch
+        per_image = max(1, math.ceil(100_000 / max(1, len(splits["train"]))))
+        sample = extract(model, dl(splits["train"]), mean, std, local=True, keep=per_image, **kw)[0]
+        encode = fit_encoding(sample, "vlad", vlad_k=t.vlad_k, seed=recipe.seed)
+        out = {name: extract(model, dl(splits[name]), mean, std, local=True, encode=encode, **kw)
+               for name in ("train", "val", "test")}
+    else:
+        out = {name: extract(model, dl(splits[name]), mean, std, **kw) for name in ("train", "val", "test")}
+        encode = fit_encoding(out["train"][0], t.feature_encoding, pca_dim=t.pca_dim, seed=recipe.seed)
+        out = {name: (encode(f), y, sec) for name, (f, y, sec) in out.items()}
     (xtr, ytr, _), k = out["train"], len(ds.label_names)
     scores = {s: np.zeros((len(out[s][0]), k)) for s in ("val", "test")}
     if ds.task == "multiclass":
