@@ -74,7 +74,6 @@ def run_pseudo_pretrain(accelerator, recipe, data, out: Path, final_model, posit
                                 world=accelerator.num_processes, transform=transform)
         wp, wn = label_weights(data.labels[data.train_rows], r.teacher.max_label_weight)
         prep = InputPrep.for_model(model, r.model.img_size, r.train.channels_last)
-        position.reset()
         model = train_stage(accelerator, model=model, loss_fn=WeightedFocalLoss(wp, wn, gamma=r.teacher.focal_gamma),
                             prep=prep, data=loaders, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
                             epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, state_dir=stage / "state",
@@ -92,11 +91,14 @@ def run_pseudo_pretrain(accelerator, recipe, data, out: Path, final_model, posit
         accelerator.wait_for_everyone()
     model = model.to(accelerator.device).eval()
     prep = InputPrep.for_model(model, r.model.img_size, r.train.channels_last)
-    metrics = evaluate_model(accelerator, model, data.labeled, data.eval_sets, prep, label_names=data.label_names,
-                             parents=data.parents, batch_size=r.eval.batch_size, grid=r.eval.thresholds)
-    export = stage / "export"
+    metrics_path, export = stage / "metrics.json", stage / "export"
+    if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
+    else:
+        metrics = evaluate_model(accelerator, model, data.labeled, data.eval_sets, prep, label_names=data.label_names,
+                                 parents=data.parents, batch_size=r.eval.batch_size, grid=r.eval.thresholds)
     if accelerator.is_main_process:
-        write_json(stage / "metrics.json", metrics)
+        write_json(metrics_path, metrics)
         if not (export / "config.json").is_file():
             export_timm(ckpt, export, card="Trained on Noisy Student pseudo-labels only (Virk & Bathula 2020, "
                                            "Table 3 pipeline); fine-tune with model.init=domain.")

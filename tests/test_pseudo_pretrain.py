@@ -42,8 +42,11 @@ def test_pseudo_label_stage_trains_on_pseudo_labels_only_exports_and_lesanet_fin
     assert pp["pseudo"]["used"] == 32 and "test" in pp["metrics"]  # every unlabeled input, no labeled one
     card = json.loads((out / "pseudo_pretrain" / "checkpoint" / "checkpoint.json").read_text())
     assert "pseudo-labels" in json.dumps(card)
+    weights = out / "pseudo_pretrain" / "checkpoint" / "model.safetensors"
+    stamp = (weights.stat().st_mtime_ns, (export / "model.safetensors").stat().st_mtime_ns)
     again = run_recipe(SEEDS / "virk2020_table3_pseudo_pretrain.yaml", over)  # resumes: nothing retrained
     assert again["pseudo_pretrain"]["metrics"]["test"] == pp["metrics"]["test"]
+    assert (weights.stat().st_mtime_ns, (export / "model.safetensors").stat().st_mtime_ns) == stamp
 
     dl = make_deeplesion(tmp_path / "dl")
     ft = [f"data.root={dl}", f"data.labels_json={dl / 'labels.json'}", f"data.ontology={dl / 'ontology.csv'}",

@@ -20,10 +20,14 @@ import math
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+if TYPE_CHECKING:
+    from dompre.train.finetune import FinetuneRecipe
 
 
 # ------------------------------------------------------------------------------------------ imagenet init
@@ -84,7 +88,7 @@ def check_imagenet_weights(arch: str) -> str:
         f"or use model.init=file model.weights=FILE")
 
 
-def check_options(recipe) -> None:
+def check_options(recipe: "FinetuneRecipe") -> None:
     """Stop at once on options that cannot work together (and on ImageNet weights that cannot be had)."""
     t, m = recipe.train, recipe.model
     if t.freeze_until and t.freeze:
