@@ -58,6 +58,37 @@ def test_meanvar_keeps_each_layers_mean_and_std_but_not_its_weights(kvasir, tmp_
     assert checked >= 8
 
 
+_IMAGENET_SCRIPT = """
+import json, os, sys, timm, torch
+from safetensors.torch import save_file
+from dompre.train.finetune import build_model, load_finetune_recipe
+hub, root, out = sys.argv[1:4]
+torch.manual_seed(3)
+src = timm.create_model('test_resnet')
+repo = f'{hub}/hub/models--timm--test_resnet.r160_in1k'
+os.makedirs(f'{repo}/snapshots/abc123'), os.makedirs(f'{repo}/refs')
+open(f'{repo}/refs/main', 'w').write('abc123')
+save_file(src.state_dict(), f'{repo}/snapshots/abc123/model.safetensors')
+r = load_finetune_recipe(None, ['data.kind=kvasir', f'data.root={root}', f'out_dir={out}', 'model.arch=test_resnet',
+                                'model.init=imagenet'])
+model, info = build_model(r, 8)
+print(json.dumps({'same': bool(torch.equal(model.conv1[0].weight, src.conv1[0].weight)), 'weights': info['weights']}))
+"""
+
+
+def test_imagenet_init_loads_cached_timm_weights_in_a_fresh_offline_process(kvasir, tmp_path):
+    import json
+    import os
+    import subprocess
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "th"),
+           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    ok = subprocess.run([sys.executable, "-c", _IMAGENET_SCRIPT, str(tmp_path / "hf"), str(kvasir), str(tmp_path)],
+                        env=env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    res = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert res["same"] and res["weights"].startswith("cache:")  # timm pretrained=True read the cached weights
+
+
 def test_imagenet_init_offline_fails_at_once_with_one_line(kvasir, tmp_path, monkeypatch, capsys):
     import huggingface_hub.constants
 
