@@ -178,13 +178,17 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="transfer study: grid of init x freeze x seeds, mean ± std, significance")
     p.add_argument("recipe", metavar="RECIPE", help="fine-tuning recipe YAML")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
-    p.add_argument("--init", default="random,domain", help="comma-separated inits (random, domain, file)")
+    p.add_argument("--init", default="random,domain",
+                   help="comma-separated inits (random, domain, file, imagenet, meanvar); the first is the baseline "
+                        "of the convergence speed-up")
     p.add_argument("--freeze", default="0", help="comma-separated percents of frozen layers, e.g. 0,50,100")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per cell (default 3)")
     p.add_argument("--strategy", default=None, help="comma-separated: finetune, features (default: recipe's)")
     p.add_argument("--weights", default=None, help="export folder / weights file for non-random inits")
-    p.add_argument("--metric", default=None, help="compared metric (default auc multi-label, mcc single-label)")
+    p.add_argument("--metric", default=None, help="compared metric, e.g. auc_micro, best_epoch (default auc "
+                                                  "multi-label, mcc single-label)")
     p.add_argument("--out", default=None, help="study folder (default RECIPE out_dir/study)")
+    p.add_argument("--tsne", action="store_true", help="also plot a t-SNE of test features per freeze level (tsne.png)")
     p.set_defaults(func=_run_study)
 
 
@@ -196,7 +200,7 @@ def _run_study(args: argparse.Namespace) -> int:
         raise ValueError(f"--freeze {args.freeze!r}: give comma-separated numbers, e.g. 0,50,100") from None
     res = run_study(args.recipe, inits=tuple(args.init.split(",")), freezes=freezes, seeds=args.seeds,
                     strategies=tuple(args.strategy.split(",")) if args.strategy else None, metric=args.metric,
-                    weights=args.weights, out_dir=args.out, overrides=tuple(args.overrides))
+                    weights=args.weights, out_dir=args.out, overrides=tuple(args.overrides), tsne=args.tsne)
     print(res["markdown"], end="")
     print(f"outputs: {res['out_dir']}")
     return 0

@@ -213,7 +213,7 @@ def _check_same_run(recipe: PretrainRecipe, out: Path) -> None:
         return
     old = yaml.safe_load(saved.read_text()) or {}
     new = recipe_to_dict(recipe)
-    skip = {"train", "debug", "iterations", "output_dir", "eval"}
+    skip = {"train", "debug", "iterations", "output_dir", "eval", "pseudo_pretrain"}
     diff = [k for k in new if k not in skip and old.get(k) != new[k]]
     if diff:
         raise ValueError(f"{out} holds a run with other settings for {diff}; use a new output_dir or the "
@@ -342,6 +342,10 @@ def run(recipe: PretrainRecipe, accelerator=None) -> dict:
                         prepare_input=prep, top_k=recipe.pseudo.top_k, batch_size=recipe.pseudo.batch_size,
                         chunk_size=recipe.pseudo.chunk_size, num_workers=recipe.train.num_workers,
                         fail_after_chunks=fail, progress=recipe.train.progress)
+    extra = {}
+    if recipe.pseudo_pretrain.enabled:  # Virk & Bathula Table 3: a model trained on the final pseudo-labels only
+        from dompre.pseudo_pretrain import run_pseudo_pretrain
+        extra["pseudo_pretrain"] = run_pseudo_pretrain(accelerator, recipe, data, out, model, position)
     paths = {}
     if accelerator.is_main_process:
         paths = write_report_tables(out, results)
@@ -349,7 +353,7 @@ def run(recipe: PretrainRecipe, accelerator=None) -> dict:
     if own:
         accelerator.end_training()
     return {"results": results, "output_dir": str(out), "report": {k: str(v) for k, v in paths.items()},
-            "label_names": data.label_names}
+            "label_names": data.label_names, **extra}
 
 
 def run_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> dict:
