@@ -154,3 +154,96 @@ def run_arms(recipe, held: HeldOut, unlabeled_truth: np.ndarray, *, replicates: 
     accelerator.end_training()
     return {"arms": scores, "pseudo": pseudo, "taught": [data.label_names[j] for j in taught],
             "label_names": data.label_names, "run": result}
+
+
+# --------------------------------------------------------------------------- across arms and seeds
+def _ci(reps: np.ndarray) -> list[float]:
+    return [float(v) for v in np.nanpercentile(reps, [2.5, 97.5])]
+
+
+def _arm_row(s: dict) -> dict:
+    a, t = s["all"], s["taught"]
+    return {"val_auc": float(s["val_auc"]), "auc": a.auc, "auc_ci": a.interval("auc"), "f1": a.f1,
+            "f1_ci": a.interval("f1"), "auc_taught": t.auc, "auc_taught_ci": t.interval("auc"),
+            "n_inputs": a.n_inputs, "n_patients": a.n_patients, "n_labels": a.n_labels, "n_taught": t.n_labels,
+            "replicates": int(len(a.auc_reps))}
+
+
+def summarize(per_seed: dict[int, dict]) -> dict:
+    """Arms x seeds table, the student chosen on validation per seed, gap closed and paired intervals.
+
+    ``per_seed``: seed -> :func:`run_arms` result. The reported student of a seed is the iteration with the
+    best validation AUC (never the test figure). ``gap_closed`` = (student - teacher) / (oracle - teacher) on
+    test mean AUC over all labels (``_taught``: over the labels the labeled share teaches).
+    """
+    seeds, rows, pooled = sorted(per_seed), {}, {"all": [], "taught": []}
+    for seed in seeds:
+        arms = per_seed[seed]["arms"]
+        students = [n for n in arms if n.startswith("student-")]
+        best = max(students, key=lambda n: arms[n]["val_auc"]) if students else None
+        row = {"arms": {n: _arm_row(s) for n, s in arms.items()}, "chosen": best,
+               "pseudo": per_seed[seed]["pseudo"]}
+        for key in ("all", "taught"):
+            if best is None or "oracle" not in arms:
+                continue
+            t, s, o = (arms[n][key] for n in ("teacher", best, "oracle"))
+            diff = s.auc_reps - t.auc_reps
+            row[f"student_minus_teacher_{key}"] = {"value": s.auc - t.auc, "ci": _ci(diff)}
+            # no gap to close when the oracle is not above the teacher: undefined, not a ratio of two negatives
+            row[f"gap_closed_{key}"] = (s.auc - t.auc) / (o.auc - t.auc) if o.auc > t.auc else float("nan")
+            row[f"plain_minus_teacher_{key}"] = {"value": arms["plain"][key].auc - t.auc,
+                                                 "ci": _ci(arms["plain"][key].auc_reps - t.auc_reps)} \
+                if "plain" in arms else None
+            pooled[key].append((diff, row[f"gap_closed_{key}"], s.auc - t.auc))
+        rows[seed] = row
+    out = {"seeds": seeds, "per_seed": rows}
+    for key, items in pooled.items():
+        if not items:
+            continue
+        gaps = np.array([g for _, g, _ in items], np.float64)
+        diff = np.nanmean(np.stack([d for d, _, _ in items]), 0)  # the same patient draws in every seed
+        out[f"gap_closed_{key}"] = {"mean": float(np.nanmean(gaps)) if np.isfinite(gaps).any() else None,
+                                    "per_seed": [float(g) for g in gaps], "ci": _t_interval(gaps)}
+        out[f"student_minus_teacher_{key}"] = {"mean": float(np.mean([v for _, _, v in items])),
+                                               "per_seed": [float(v) for _, _, v in items], "ci": _ci(diff)}
+    return out
+
+
+def _t_interval(values: np.ndarray) -> list[float] | None:
+    """95% t-interval of the mean over seeds (None with fewer than two)."""
+    from scipy import stats
+
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) < 2:
+        return None
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return [float(v.mean() - half), float(v.mean() + half)]
+
+
+def plot_arms(summary: dict, path: Path) -> None:
+    """One figure: held-out test mean AUC (95% patient interval) of every arm, one marker per seed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dompre._io import save_figure
+
+    seeds = summary["seeds"]
+    names = list(summary["per_seed"][seeds[0]]["arms"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=False)
+    for ax, key, title in ((axes[0], "auc", "all labels"), (axes[1], "auc_taught", "labels the labeled share teaches")):
+        for j, seed in enumerate(seeds):
+            arms = summary["per_seed"][seed]["arms"]
+            x = np.arange(len(names)) + (j - (len(seeds) - 1) / 2) * 0.12
+            y = np.array([arms[n][key] for n in names])
+            lo = np.array([arms[n][f"{key}_ci"][0] for n in names])
+            hi = np.array([arms[n][f"{key}_ci"][1] for n in names])
+            ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="o", capsize=3, label=f"seed {seed}")
+        ax.set_xticks(np.arange(len(names)), names, rotation=20)
+        ax.set_ylabel("held-out test mean AUC")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)

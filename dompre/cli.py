@@ -274,15 +274,23 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the main job end to end on the synthetic cohort: synth, ingest, pretrain, export")
-    p.add_argument("--out", default="dompre-demo", help="demo folder (default dompre-demo); rerun to resume")
-    p.add_argument("--patients", type=int, default=36, help="synthetic patients (default 36)")
-    p.add_argument("--seed", type=int, default=0, help="cohort and training seed (default 0)")
-    p.add_argument("--recipe", default=None, help="pretraining recipe (default recipes/demo.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="pretraining recipe override (repeatable)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run_demo)
+    for name, default_out, seeds, text in (
+            ("demo", "dompre-demo", 1, "the main job end to end on the synthetic cohort, with the benchmark arms "
+                                       "(teacher, students, oracle, plain self-training) scored on held-out truth"),
+            ("benchmark", "dompre-benchmark", 3, "the demo over several training seeds: the same report with "
+                                                 "intervals over seeds (about 30 minutes on 2 CPU cores)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--out", default=default_out, help=f"output folder (default {default_out}); rerun to resume")
+        p.add_argument("--patients", type=int, default=48, help="training cohort patients (default 48)")
+        p.add_argument("--heldout-patients", type=int, default=20, help="held-out patients scored against truth "
+                                                                        "(default 20)")
+        p.add_argument("--seed", type=int, default=0, help="cohort seed and first training seed (default 0)")
+        p.add_argument("--seeds", type=int, default=seeds, help=f"training seeds seed, seed+1, ... (default {seeds})")
+        p.add_argument("--recipe", default=None, help="pretraining recipe (default recipes/demo.yaml)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="pretraining recipe override (repeatable)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -290,18 +298,25 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     from dompre.demo import run_demo
     logging.basicConfig(level=logging.WARNING)
-    s = run_demo(args.out, patients=args.patients, seed=args.seed, recipe=args.recipe, overrides=args.overrides,
-                 progress=not args.no_progress)
-    for r in s["results"]:
-        cells = " ".join(f"{k} auc {r[k]['auc']:.4f} f1 {r[k]['f1']:.4f}" for k in ("test", "hand")
-                         if r.get(k) and r[k].get("auc") is not None)
-        print(f"iteration {r['iteration']} ({'teacher' if r['iteration'] == 0 else 'student'}): {cells}")
-    print(f"demo: {s['verdict']}")
+    if args.seeds < 1 or args.patients < 2 or args.heldout_patients < 2:
+        raise ValueError("--seeds must be >= 1, --patients and --heldout-patients >= 2")
+    s = run_demo(args.out, patients=args.patients, seed=args.seed, heldout_patients=args.heldout_patients,
+                 seeds=tuple(range(args.seed, args.seed + args.seeds)), recipe=args.recipe,
+                 overrides=args.overrides, progress=not args.no_progress)
+    b = s["benchmark"]
+    for seed in b["seeds"]:
+        row = b["per_seed"][str(seed)]
+        cells = "; ".join(f"{n} {a['auc']:.4f} [{a['auc_ci'][0]:.4f}, {a['auc_ci'][1]:.4f}]"
+                          for n, a in row["arms"].items())
+        print(f"seed {seed} held-out test mean AUC: {cells}")
+    print(f"{args.command}: {s['verdict']}")
     d = s["downstream"]
     cells = "; ".join(f"{r['init']} init {r['mean']:.4f} ± {r['std']:.4f}" for r in d["summary"])
-    print(f"demo: downstream lesion type ({d['metric']}, {len(d['summary'])} inits x {d['summary'][0]['n']} seeds): {cells}")
-    print(f"demo: report {s['report']}; backbone {s['backbone']}; wall time {s['times_s']['total']} s")
+    print(f"{args.command}: downstream lesion type ({d['metric']}, {len(d['summary'])} inits x "
+          f"{d['summary'][0]['n']} seeds): {cells}")
+    print(f"{args.command}: report {s['report']}; backbone {s['backbone']}; wall time {s['times_s']['total']} s")
     return 0
+
 
 COMMANDS = [_add_synth, _add_explain, _add_ingest, _add_finetune, _add_study, _add_export, _add_pretrain, _add_demo]
 
