@@ -247,3 +247,26 @@ def plot_arms(summary: dict, path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
+
+
+def source_stats(stores: dict, sample: int = 400, seed: int = 0) -> dict:
+    """Per source (labeled, unlabeled, held-out store): how much body an input holds, its mean grey and the
+    body box it was cut from (median height x width in source pixels), on up to ``sample`` inputs each.
+    Inputs made by one preparation should look alike whatever their source."""
+    out = {}
+    for name, store in stores.items():
+        n = len(store)
+        rows = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
+        img = store.images(rows)
+        body = (img > 40).mean(axis=(1, 2, 3))  # grey 40 ~ -380 HU in the default window: body, not air
+        row = {"inputs": int(n), "body_fraction": float(body.mean()), "body_fraction_p10": float(np.percentile(body, 10)),
+               "mean_grey": float(img.mean())}
+        meta = store.meta
+        if "body_box" in meta:
+            box = np.array([b for b in meta["body_box"].to_numpy()[rows] if isinstance(b, (list, np.ndarray))
+                            and len(b) == 4], np.float64)
+            if len(box):
+                row["box_h"] = float(np.median(box[:, 1] - box[:, 0]))
+                row["box_w"] = float(np.median(box[:, 3] - box[:, 2]))
+        out[name] = row
+    return out

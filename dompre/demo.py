@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dompre.benchmark import heldout_sets, plot_arms, run_arms, store_truth, summarize
+from dompre.benchmark import heldout_sets, plot_arms, run_arms, source_stats, store_truth, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,8 @@ def run_demo(out: str | Path, *, patients: int = 48, seed: int = 0, labeled_frac
         "heldout": {k: {"inputs": int(len(v)), "patients": int(len(set(held.patients[k])))}
                     for k, v in held.rows.items()},
         "taught": per_seed[seeds[0]]["taught"], "label_names": per_seed[seeds[0]]["label_names"],
+        "sources": source_stats({"labeled (DeepLesion PNG)": data.labeled, "unlabeled (DICOM)": data.unlabeled,
+                                 "held-out (DICOM)": held.store}),
         "benchmark": _jsonable(summary),
         "downstream": {"metric": downstream["metric"], "n": downstream["n"], "arch": downstream["arch"],
                        "summary": downstream["summary"], "comparisons": downstream["comparisons"],

@@ -65,6 +65,17 @@ def pseudo_table(bench: dict) -> str:
     return "\n".join(lines)
 
 
+def sources_table(sources: dict) -> str:
+    """Markdown: body fraction, mean grey and body box per source store."""
+    lines = ["| source | inputs | body fraction (10th pct) | mean grey | body box h x w (source px) |",
+             "|---|---|---|---|---|"]
+    for name, r in sources.items():
+        box = f"{r['box_h']:.0f} x {r['box_w']:.0f}" if "box_h" in r else "not recorded"
+        lines.append(f"| {name} | {r['inputs']} | {r['body_fraction']:.3f} ({r['body_fraction_p10']:.3f}) | "
+                     f"{r['mean_grey']:.1f} | {box} |")
+    return "\n".join(lines)
+
+
 def demo_markdown(s: dict, lesanet_table: str, rec) -> str:
     """The whole report from the demo's result dict, the LesaNet-protocol table and the recipe."""
     times = ", ".join(f"{k} {v} s" for k, v in s["times_s"].items())
@@ -113,6 +124,10 @@ held-out patients. Synthetic data only: nothing here says anything about real CT
   kept: `{rec.pseudo.unkept}`. How these were chosen: `recipes/demo.yaml` (every choice was made on the held-out
   validation patients, never on the test patients).
 - Seeds: {', '.join(map(str, s['seeds']))} (training seeds; one cohort). Wall time: {times}.
+
+Inputs per source, one preparation for all (a sample of up to 400 inputs each; body = grey > 40):
+
+{sources_table(s.get('sources') or {})}
 
 ## Pseudo-labels against truth
 

@@ -531,6 +531,7 @@ def build_lesion_input(root: str | Path, info: pd.DataFrame, lesion_idx: int, *,
             "spacing": [cfg.interval_mm if cfg.neighbours == "interval" else dz,
                         float(spacing[1]) * sy, float(spacing[0]) * sx],
             "window": [float(win[0]), float(win[1])], "split": split, "lesion_idx": int(lesion_idx),
-            "bbox": list(bbox_t), "file": f"Images_png/{row['folder']}/{row['slice_file']}",
+            "bbox": list(bbox_t), "body_box": [int(v) for v in crop],
+            "file": f"Images_png/{row['folder']}/{row['slice_file']}",
             "lesion_type": int(row["Coarse_lesion_type"])}
     return LesionInput(image, bbox_t, int(lesion_idx), split, labels, meta)

@@ -193,7 +193,8 @@ def prepare_stack(hu: np.ndarray, cfg: PrepConfig = PrepConfig(), *, window: tup
 def prepare_volume(hu: np.ndarray, spacing: tuple[float, float, float], cfg: PrepConfig = PrepConfig(), *,
                    z: np.ndarray | None = None, window: tuple[float, float] | None = None,
                    rescale: tuple[np.ndarray, np.ndarray] | None = None,
-                   alloc: Callable[..., np.ndarray] = np.empty) -> tuple[np.ndarray, np.ndarray]:
+                   alloc: Callable[..., np.ndarray] = np.empty, boxes: list | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """A (z, y, x) HU volume -> (stacks uint8 (n, 3, size, size), z_index of each stack's middle slice).
 
     Slices ``k-1, k, k+1`` (``k`` every ``cfg.stride`` slices) become one input through :func:`prepare_stack`,
@@ -208,6 +209,7 @@ def prepare_volume(hu: np.ndarray, spacing: tuple[float, float, float], cfg: Pre
         rescale: per-slice (slope, intercept) when ``hu`` holds stored values: HU = stored * slope + intercept,
             made three slices at a time, so no float volume is made (except to resample along z).
         alloc: ``alloc(shape, dtype)`` for the float32 HU of one stack (the ingest job reuses one buffer).
+        boxes: a list that receives each stack's body box (y0, y1, x0, x1), in order (provenance).
 
     Returns:
         stacks and, per stack, the index of its middle slice in ``hu`` (float64; fractional after
@@ -235,5 +237,7 @@ def prepare_volume(hu: np.ndarray, spacing: tuple[float, float, float], cfg: Pre
         else:
             np.multiply(hu[rows], slope[rows, None, None], out=buf, casting="unsafe")
             buf += inter[rows, None, None]
-        stacks[i] = prepare_stack(buf, cfg, window=window)[0]
+        stacks[i], box = prepare_stack(buf, cfg, window=window)
+        if boxes is not None:
+            boxes.append(box)
     return stacks, grid[idx[:, 1]]
