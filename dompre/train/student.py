@@ -7,6 +7,7 @@ Epochs count passes over the labeled training rows; the pseudo-labeled stream ru
 """
 from __future__ import annotations
 
+import gc
 import math
 from dataclasses import dataclass
 
@@ -66,7 +67,7 @@ def pseudo_rows(pseudo: PseudoLabels, cfg: PseudoConfig, exclusive: np.ndarray |
                          f"{cfg.threshold}; lower the threshold or train the teacher longer")
     weights = None
     if cfg.balance:
-        weights = balance_weights([pseudo.idx[r][kept[r]].astype(np.int64) for r in rows], len(pseudo.label_names))
+        weights = balance_weights(pseudo.idx[rows], kept[rows], len(pseudo.label_names))
     counts = np.bincount(pseudo.idx[kept].astype(np.int64), minlength=len(pseudo.label_names))
     summary = {"inputs": int(len(pseudo)), "used": int(len(rows)), "empty": int((~has).sum()),
                "labels_per_input": float(kept.sum(1)[rows].mean()),
@@ -132,6 +133,11 @@ def build_loaders(labeled_store, train_rows: np.ndarray, labeled_targets, *, lab
     An epoch is ``max(1, len(train_rows) // labeled_batch)`` global batches, rounded up to a multiple of the
     number of processes; the pseudo stream gives the same number of batches of ``pseudo_batch``.
     """
+    if num_workers > 0:
+        # forked workers share the parent's pages until a garbage collection writes to the objects' headers;
+        # frozen objects are never scanned, so each worker no longer copies the parent's Python heap
+        gc.collect()
+        gc.freeze()
     steps = max(1, len(train_rows) // labeled_batch)
     steps = math.ceil(steps / world) * world
     lab_sampler = StreamSampler(train_rows, steps * labeled_batch, seed, 2 * stage)
