@@ -157,7 +157,7 @@ def _train_iteration(accelerator, recipe: PretrainRecipe, data: RunData, it: int
     wp, wn = label_weights(data.labels[data.train_rows], r.teacher.max_label_weight)
     loss_fn = WeightedFocalLoss(wp, wn, gamma=r.teacher.focal_gamma)
     common = dict(labeled_batch=r.teacher.batch_size, seed=r.seed, stage=it, num_workers=r.train.num_workers,
-                  world=accelerator.num_processes)
+                  world=accelerator.num_processes, augment_on=r.train.augment_on)
     info: dict = {"iteration": it}
     fail = r.debug.fail_after_steps if r.debug.fail_stage == f"iter{it}" else -1
     if it == 0:
