@@ -510,20 +510,25 @@ class SliceStore:
         ext = "meta.parquet" if self._formats[k] == "parquet" else "jsonl"
         return self.path / "shards" / f"{self._names[k]}.{ext}"
 
-    def _shard_columns(self, k: int, columns: Sequence[str] | None) -> dict[str, list | np.ndarray]:
-        """Metadata columns of shard ``k`` (all when ``columns`` is None; absent ones are left out)."""
+    def _shard_columns(self, k: int, columns: Sequence[str] | None,
+                       row: int | None = None) -> dict[str, list | np.ndarray]:
+        """Metadata columns of shard ``k`` (all when ``columns`` is None; absent ones are left out), of every
+        item or of item ``row`` alone."""
         f = self._meta_file(k)
         if self._formats[k] != "parquet":  # version 1: one JSON object a line
-            rows = [json.loads(line) for line in f.read_bytes().splitlines() if line]
+            lines = f.read_bytes().splitlines()
+            rows = [json.loads(line) for line in (lines if row is None else lines[row:row + 1]) if line]
             keys = list(dict.fromkeys(c for r in rows for c in r)) if columns is None else columns
             return {c: [_tuples(r.get(c)) for r in rows] for c in keys if any(c in r for r in rows)}
         import pyarrow.parquet as pq
 
-        schema = pq.read_schema(f)
-        as_json = set(json.loads((schema.metadata or {}).get(_JSON_COLUMNS, b"[]")))
-        keys = [c for c in (schema.names if columns is None else columns) if c in schema.names]
-        table = pq.read_table(f, columns=keys)
-        return {c: _arrow_values(table.column(c), c in as_json) for c in keys}
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        table = pf.read(columns=names if columns is None else [c for c in columns if c in names])
+        as_json = set(json.loads((table.schema.metadata or {}).get(_JSON_COLUMNS, b"[]")))
+        if row is not None:
+            table = table.slice(row, 1)
+        return {c: _arrow_values(table.column(c), c in as_json) for c in table.column_names}
 
     def column_names(self) -> list[str]:
         """Every metadata column of the store (read from the shards' schemas, not their rows)."""
@@ -560,9 +565,8 @@ class SliceStore:
     def item_meta(self, i: int) -> dict:
         """Metadata of item ``i`` alone, read from its shard's metadata file (not the store's table)."""
         shard, local = self._locate(np.asarray([int(i)]))
-        got = self._shard_columns(int(shard[0]), None)
-        return {c: (v[int(local[0])].item() if isinstance(v, np.ndarray) else v[int(local[0])])
-                for c, v in got.items()}
+        got = self._shard_columns(int(shard[0]), None, int(local[0]))
+        return {c: (v[0].item() if isinstance(v, np.ndarray) else v[0]) for c, v in got.items()}
 
     @property
     def meta(self) -> pd.DataFrame:
