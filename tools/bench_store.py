@@ -17,6 +17,7 @@ with ratios measured in this run (min / median / max over ``--repeats`` where re
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -31,16 +32,23 @@ from pathlib import Path
 import numpy as np
 
 UNLABELED, LABELED, LABELS = 504_779, 17_697, 115
+print = functools.partial(print, flush=True)  # noqa: A001  (lines show as they are measured)
 
 
 def write_store(path: Path, n: int, size: int, per_unit: int, labels: int, shard_size: int) -> dict:
-    """Write ``n`` random inputs in units of ``per_unit``; per-unit wall times of adds + commit."""
+    """Write ``n`` random inputs in units of ``per_unit``; per-unit wall times of adds + commit.
+
+    ``last_first``: time per unit of the last units over the first, each window ending at a shard flush and
+    holding the same number of flushes (at least 500 units), so both pay for the same shard writes.
+    """
+    import pyarrow.parquet  # noqa: F401  (imported on the first flush otherwise: not a commit cost)
+
     from dompre.data.store import StoreWriter
     rng = np.random.default_rng(0)
     pool = rng.integers(0, 255, (997, 3, size, size), dtype=np.uint8)
     lab = (rng.random((101, labels)) < 0.05).astype(np.float32) if labels else None
     splits = ["train"] * 7 + ["val", "test", "test"]
-    times = []
+    times, flushes = [], []
     t_all = time.perf_counter()
     with StoreWriter(path, image_size=size, label_names=[f"l{j}" for j in range(labels)] if labels else None,
                      shard_size=shard_size) as w:
@@ -53,12 +61,18 @@ def write_store(path: Path, n: int, size: int, per_unit: int, labels: int, shard
                                                  "split": splits[u % 10], "lesion_idx": u if labels else -1,
                                                  "bbox": [1.0, 2.0, 8.0, 9.0] if labels else []},
                       labels=None if lab is None else lab[i % len(lab)])
+            shards = len(w._shards)
             w.commit_unit(f"series-{u}", info={"status": "ok"})
             times.append(time.perf_counter() - t0)
+            if len(w._shards) > shards:
+                flushes.append(u + 1)  # units [.. u] are on disk
     total = time.perf_counter() - t_all
     t = np.asarray(times)
-    return {"items": n, "units": len(t), "seconds": total, "items_per_s": n / total,
-            "last_first": float(t[-500:].sum() / t[:500].sum())}
+    flushes = flushes or [len(t)]
+    k = next((j + 1 for j, end in enumerate(flushes) if end >= 500), len(flushes))
+    first, last = t[:flushes[k - 1]], t[flushes[-k - 1] if len(flushes) > k else 0:flushes[-1]]
+    return {"items": n, "units": len(t), "seconds": total, "items_per_s": n / total, "window": len(first),
+            "last_first": float(last.mean() / first.mean())}
 
 
 def _spread(xs: list[float]) -> str:
@@ -74,15 +88,21 @@ def bench_reads(sharded: Path, one: Path, repeats: int, n_single: int = 20000, n
         rng = np.random.default_rng(r)
         idx = rng.integers(0, n, n_single)
         batches = rng.integers(0, n, (n_batch, 64))
-        for name, st in (("one", b), ("sharded", a)) if r % 2 else (("sharded", a), ("one", b)):
-            t0 = time.perf_counter()
-            for i in idx:
-                st[int(i)]
-            single[name].append((time.perf_counter() - t0) / n_single * 1e6)
-            t0 = time.perf_counter()
-            for bt in batches:
-                st.images(bt)
-            gather[name].append((time.perf_counter() - t0) / n_batch * 1e3)
+        spent = {("single", "sharded"): 0.0, ("single", "one"): 0.0, ("gather", "sharded"): 0.0,
+                 ("gather", "one"): 0.0}
+        for block in range(10):  # the two stores take turns in blocks, so contention hits both alike
+            for name, st in (("one", b), ("sharded", a)) if (r + block) % 2 else (("sharded", a), ("one", b)):
+                t0 = time.perf_counter()
+                for i in idx[block::10]:
+                    st[int(i)]
+                spent["single", name] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                for bt in batches[block::10]:
+                    st.images(bt)
+                spent["gather", name] += time.perf_counter() - t0
+        for name in ("sharded", "one"):
+            single[name].append(spent["single", name] / n_single * 1e6)
+            gather[name].append(spent["gather", name] / n_batch * 1e3)
     rs = [x / y for x, y in zip(single["sharded"], single["one"])]
     rg = [x / y for x, y in zip(gather["sharded"], gather["one"])]
     print(f"random single read  {len(a._names)} shards: {_spread(single['sharded'])} us   one shard: "
@@ -153,6 +173,8 @@ def phase_loader(unlabeled: Path, labeled: Path, size: int, workers: int, steps:
                          pseudo_weights=weights)
     me = psutil.Process()
     peak = {"main_rss": 0.0, "workers_rss": 0.0, "main_pss": 0.0, "workers_pss": 0.0}
+    per_input = [targets.idx, targets.prob, targets.kept, rows, lab.labels] + [sp.rows for sp in data.samplers]
+    peak["per_input_mb"] = sum(a.nbytes for a in per_input) / 2 ** 20  # pseudo-labels, kept mask, rows, labels
     stop = threading.Event()
 
     def sample() -> None:
@@ -221,7 +243,8 @@ def main() -> None:
             for kind, n, per_unit, labels in (("unlabeled", n_u, 16, 0), ("labeled", n_l, 1, LABELS)):
                 r = write_store(root / f"{kind}-{tag}", n, args.size, per_unit, labels, args.shard_size)
                 print(f"write {kind:9s} {tag:5s}: {r['items']:7d} inputs {r['units']:6d} units in {r['seconds']:6.1f} s"
-                      f" = {r['items_per_s']:8.0f} inputs/s; last/first 500 units {r['last_first']:.2f} (goal <= 1.2)")
+                      f" = {r['items_per_s']:8.0f} inputs/s; last/first {r['window']} units {r['last_first']:.2f} "
+                      "(goal <= 1.2)")
             sizes[tag] = (n_u, n_l)
         one = write_store(root / "one-shard", sizes["full"][0], args.size, 16, 0, 1 << 30)
         print(f"write one-shard store: {one['items_per_s']:.0f} inputs/s (baseline for reads)")
@@ -245,7 +268,8 @@ def main() -> None:
                   f"{args.steps} steps): peak RSS main {_spread([r['main_rss'] for r in rs])} MB, workers "
                   f"{_spread([r['workers_rss'] for r in rs])} MB; PSS main {_spread([r['main_pss'] for r in rs])}"
                   f" MB, workers {_spread([r['workers_pss'] for r in rs])} MB; "
-                  f"{_spread([r['steps_per_s'] for r in rs])} steps/s")
+                  f"{_spread([r['steps_per_s'] for r in rs])} steps/s; per-input arrays the loaders hold "
+                  f"(pseudo-labels, kept mask, rows, labels) {rs[0]['per_input_mb']:.1f} MB")
         for key in ("main_rss", "workers_rss", "main_pss", "workers_pss"):
             ratio = [f[key] / t[key] for f, t in zip(runs["full"], runs["tenth"])]
             print(f"loader {key}: full / tenth {_spread(ratio)} (goal <= 1.1)")
