@@ -309,7 +309,8 @@ def test_metadata_columns_on_demand_and_one_item(tmp_path):
     with StoreWriter(tmp_path, image_size=S, shard_size=2) as w:
         for k in range(5):
             w.add(item(k), meta={"series_uid": f"s{k}", "z": k / 2, "bbox": (k, 1, 2, 3),
-                                 "extra": k if k % 2 else f"t{k}"}, labels=None)  # mixed types: kept as JSON
+                                 "extra": k if k % 2 else f"t{k}", "d": {"a": k} if k else {"b": 1}},
+                  labels=None)  # mixed types and dicts: kept as JSON
             w.commit_unit(f"u{k}")
     st = SliceStore(tmp_path)
     z = st.columns(["z"])
@@ -318,4 +319,5 @@ def test_metadata_columns_on_demand_and_one_item(tmp_path):
     assert st.item_meta(3) == {**dict(st.meta.iloc[3]), "bbox": (3, 1, 2, 3)}
     assert st.item_meta(3)["extra"] == 3 and st.item_meta(4)["extra"] == "t4"
     assert st.meta["extra"].tolist() == ["t0", 1, "t2", 3, "t4"] and "extra" in st.column_names()
+    assert st.item_meta(0)["d"] == {"b": 1} and st.item_meta(2)["d"] == {"a": 2}
     assert st.columns(["not_a_column"])["not_a_column"].isna().all()

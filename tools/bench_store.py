@@ -7,7 +7,8 @@ as series) and a labeled one of 17,697 (one input per unit, as DeepLesion lesion
 ``--size`` px inputs, plus the same at 1/10 of the count and a one-shard copy of the unlabeled store. Prints,
 with ratios measured in this run (min / median / max over ``--repeats`` where repeated):
 
-- write rate and the time of the last 500 units over the first 500 (goal <= 1.2: commits cost the new units);
+- write rate and the time of the last 500 units over the first 500 (goal <= 1.2: commits cost the new units),
+  wall and CPU time (the CPU time of this process is less disturbed by other jobs on a shared machine);
 - random single-item reads and 64-item batch gathers against the one-shard store (goal <= 1.5);
 - one metadata column, one item's metadata and the whole table: time and resident memory added;
 - peak resident memory (RSS, and PSS: shared pages split between processes) of the main process and the loader
@@ -48,12 +49,12 @@ def write_store(path: Path, n: int, size: int, per_unit: int, labels: int, shard
     pool = rng.integers(0, 255, (997, 3, size, size), dtype=np.uint8)
     lab = (rng.random((101, labels)) < 0.05).astype(np.float32) if labels else None
     splits = ["train"] * 7 + ["val", "test", "test"]
-    times, flushes = [], []
+    times, cpu, flushes = [], [], []
     t_all = time.perf_counter()
     with StoreWriter(path, image_size=size, label_names=[f"l{j}" for j in range(labels)] if labels else None,
                      shard_size=shard_size) as w:
         for u, start in enumerate(range(0, n, per_unit)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for i in range(start, min(start + per_unit, n)):
                 w.add(pool[i % len(pool)], meta={"source": "bench", "series_uid": f"series-{u}",
                                                  "patient": f"p{u // 4}", "z": float(i - start),
@@ -64,15 +65,18 @@ def write_store(path: Path, n: int, size: int, per_unit: int, labels: int, shard
             shards = len(w._shards)
             w.commit_unit(f"series-{u}", info={"status": "ok"})
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             if len(w._shards) > shards:
                 flushes.append(u + 1)  # units [.. u] are on disk
     total = time.perf_counter() - t_all
     t = np.asarray(times)
     flushes = flushes or [len(t)]
     k = next((j + 1 for j, end in enumerate(flushes) if end >= 500), len(flushes))
-    first, last = t[:flushes[k - 1]], t[flushes[-k - 1] if len(flushes) > k else 0:flushes[-1]]
-    return {"items": n, "units": len(t), "seconds": total, "items_per_s": n / total, "window": len(first),
-            "last_first": float(last.mean() / first.mean())}
+    first, last = slice(0, flushes[k - 1]), slice(flushes[-k - 1] if len(flushes) > k else 0, flushes[-1])
+    c = np.asarray(cpu)
+    return {"items": n, "units": len(t), "seconds": total, "items_per_s": n / total, "window": first.stop,
+            "last_first": float(t[last].mean() / t[first].mean()),
+            "cpu_last_first": float(c[last].mean() / c[first].mean())}
 
 
 def _spread(xs: list[float]) -> str:
@@ -221,6 +225,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--shard-size", type=int, default=1024)
+    p.add_argument("--parts", nargs="+", default=["write", "read", "meta", "loader"],
+                   choices=["write", "read", "meta", "loader"], help="what to measure (the stores are always written)")
     p.add_argument("--dir", default=None, help="where the stores go (default: a temporary folder, removed)")
     p.add_argument("--phase", choices=["meta", "loader"], help=argparse.SUPPRESS)
     p.add_argument("--paths", nargs="*", help=argparse.SUPPRESS)
@@ -241,28 +247,34 @@ def main() -> None:
         for tag, frac in (("tenth", args.scale / 10), ("full", args.scale)):
             n_u, n_l = int(UNLABELED * frac), int(LABELED * frac)
             for kind, n, per_unit, labels in (("unlabeled", n_u, 16, 0), ("labeled", n_l, 1, LABELS)):
-                r = write_store(root / f"{kind}-{tag}", n, args.size, per_unit, labels, args.shard_size)
-                print(f"write {kind:9s} {tag:5s}: {r['items']:7d} inputs {r['units']:6d} units in {r['seconds']:6.1f} s"
-                      f" = {r['items_per_s']:8.0f} inputs/s; last/first {r['window']} units {r['last_first']:.2f} "
-                      "(goal <= 1.2)")
+                rs = []
+                for r in range(args.repeats if "write" in args.parts else 1):  # the first copy is kept
+                    path = root / (f"{kind}-{tag}" if r == 0 else "scratch")
+                    rs.append(write_store(path, n, args.size, per_unit, labels, args.shard_size))
+                    shutil.rmtree(root / "scratch", ignore_errors=True)
+                print(f"write {kind:9s} {tag:5s}: {n:7d} inputs {rs[0]['units']:6d} units, "
+                      f"{_spread([r['items_per_s'] for r in rs])} inputs/s; last/first {rs[0]['window']} units: "
+                      f"wall {_spread([r['last_first'] for r in rs])}, CPU {_spread([r['cpu_last_first'] for r in rs])}"
+                      " (goal <= 1.2)")
             sizes[tag] = (n_u, n_l)
-        one = write_store(root / "one-shard", sizes["full"][0], args.size, 16, 0, 1 << 30)
-        print(f"write one-shard store: {one['items_per_s']:.0f} inputs/s (baseline for reads)")
-        bench_reads(root / "unlabeled-full", root / "one-shard", args.repeats)
-        shutil.rmtree(root / "one-shard")
-        for kind in ("unlabeled", "labeled"):
+        if "read" in args.parts:
+            one = write_store(root / "one-shard", sizes["full"][0], args.size, 16, 0, 1 << 30)
+            print(f"write one-shard store: {one['items_per_s']:.0f} inputs/s (baseline for reads)")
+            bench_reads(root / "unlabeled-full", root / "one-shard", args.repeats)
+            shutil.rmtree(root / "one-shard")
+        for kind in ("unlabeled", "labeled") if "meta" in args.parts else ():
             ms = [_child("--phase", "meta", "--paths", str(root / f"{kind}-full")) for _ in range(args.repeats)]
             print(f"meta {kind:9s} ({ms[0]['rows']} rows): one column {_spread([m['column_s'] for m in ms])} s "
                   f"+{_spread([m['column_mb'] for m in ms])} MB; one item {_spread([m['item_ms'] for m in ms])} "
                   f"ms; whole table {_spread([m['table_s'] for m in ms])} s +{_spread([m['table_mb'] for m in ms])}"
                   " MB")
         runs: dict[str, list[dict]] = {"tenth": [], "full": []}
-        for _ in range(args.repeats):
+        for _ in range(args.repeats if "loader" in args.parts else 0):
             for tag in ("tenth", "full"):
                 runs[tag].append(_child("--phase", "loader", "--size", str(args.size), "--workers",
                                         str(args.workers), "--steps", str(args.steps), "--paths",
                                         str(root / f"unlabeled-{tag}"), str(root / f"labeled-{tag}")))
-        for tag in ("tenth", "full"):
+        for tag in ("tenth", "full") if "loader" in args.parts else ():
             rs = runs[tag]
             print(f"loader {tag:5s} ({sizes[tag][0]} + {sizes[tag][1]} inputs, {args.workers} workers, "
                   f"{args.steps} steps): peak RSS main {_spread([r['main_rss'] for r in rs])} MB, workers "
@@ -270,7 +282,7 @@ def main() -> None:
                   f" MB, workers {_spread([r['workers_pss'] for r in rs])} MB; "
                   f"{_spread([r['steps_per_s'] for r in rs])} steps/s; per-input arrays the loaders hold "
                   f"(pseudo-labels, kept mask, rows, labels) {rs[0]['per_input_mb']:.1f} MB")
-        for key in ("main_rss", "workers_rss", "main_pss", "workers_pss"):
+        for key in ("main_rss", "workers_rss", "main_pss", "workers_pss") if "loader" in args.parts else ():
             ratio = [f[key] / t[key] for f, t in zip(runs["full"], runs["tenth"])]
             print(f"loader {key}: full / tenth {_spread(ratio)} (goal <= 1.1)")
         print(f"load average {os.getloadavg()[0]:.2f} at the end")

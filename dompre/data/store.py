@@ -166,11 +166,12 @@ def _meta_table(metas: list[dict]):
         values = [m.get(k) for m in metas]
         try:
             arrays[k] = pa.array(values)
+            if pa.types.is_struct(arrays[k].type):  # dicts: Arrow would add the keys other rows have
+                raise pa.ArrowTypeError
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
             arrays[k] = pa.array([json.dumps(v) for v in values])
             as_json.append(k)
-    table = pa.table(arrays) if arrays else pa.table({"_": pa.array([None] * len(metas))}).drop(["_"])
-    return table.replace_schema_metadata({_JSON_COLUMNS: json.dumps(as_json).encode()})
+    return pa.table(arrays).replace_schema_metadata({_JSON_COLUMNS: json.dumps(as_json).encode()})
 
 
 def _arrow_values(column, is_json: bool) -> list | np.ndarray:
@@ -179,7 +180,7 @@ def _arrow_values(column, is_json: bool) -> list | np.ndarray:
 
     if is_json:
         return [_tuples(json.loads(v)) for v in column.to_pylist()]
-    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or pa.types.is_struct(column.type):
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
         return [_tuples(v) for v in column.to_pylist()]
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or column.null_count:
         return column.to_pylist()
@@ -534,13 +535,15 @@ class SliceStore:
         """Every metadata column of the store (read from the shards' schemas, not their rows)."""
         import pyarrow.parquet as pq
 
-        names = dict.fromkeys(META_DEFAULTS)
-        for k in range(len(self._names)):
-            if self._formats[k] == "parquet":
-                names.update(dict.fromkeys(pq.read_schema(self._meta_file(k)).names))
-            else:
-                names.update(dict.fromkeys(self._shard_columns(k, None)))
-        return list(names)
+        if "names" not in self._cache:
+            names = dict.fromkeys(META_DEFAULTS)
+            for k in range(len(self._names)):
+                if self._formats[k] == "parquet":
+                    names.update(dict.fromkeys(pq.read_schema(self._meta_file(k)).names))
+                else:
+                    names.update(dict.fromkeys(self._shard_columns(k, None)))
+            self._cache["names"] = list(names)
+        return list(self._cache["names"])
 
     def columns(self, names: Sequence[str]) -> pd.DataFrame:
         """Metadata columns ``names`` for every item, reading only those columns (each cached once read).
