@@ -101,10 +101,11 @@ def main() -> None:
                              unlabeled_store=store, pseudo_rows_=np.arange(n), pseudo_targets=store.labels,
                              pseudo_batch=args.pseudo_batch, augment_on=args.augment_on)
         model, opt, *loaders = acc.prepare(model, opt, *data.loaders)
-        task = NoisyStudentTask(model, WeightedFocalLoss(np.ones(L), np.ones(L)).to(acc.device), prep,
-                                noise=data.noise)
+        loss = WeightedFocalLoss(np.ones(L), np.ones(L)).to(acc.device)
+        task = NoisyStudentTask(model, loss, prep, noise=data.noise)
+        bare_task = NoisyStudentTask(model, loss, prep)  # the bare loop has no noise at all
 
-        def step(lab, pse):
+        def step(lab, pse, task=task):
             out = task(lab, pse)
             acc.backward(out["loss"])
             opt.step()
@@ -121,11 +122,11 @@ def main() -> None:
         pse = {"image": x[args.labeled_batch:], "target": y[args.labeled_batch:]}
         model.train()
         for _ in range(2):
-            step(lab, pse)
+            step(lab, pse, bare_task)
         sync()
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            step(lab, pse)
+            step(lab, pse, bare_task)
         sync()
         bare = args.steps * bsz / (time.perf_counter() - t0)
 

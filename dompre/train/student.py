@@ -54,7 +54,7 @@ def noise_params(transform: v2.Compose, in_size: int, seed: int) -> np.ndarray:
         raise ValueError(f"train.augment_on=device applies {[k.__name__ for k in order]} in that order; the "
                          f"student's noise is {[k.__name__ for k in kinds]}: use train.augment_on=cpu")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # = torch.manual_seed on the CPU, without its stack capture
         for t in transform.transforms:
             if isinstance(t, v2.RandomResizedCrop):
                 p = t.make_params([probe])
