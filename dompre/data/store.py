@@ -33,6 +33,7 @@ writer resuming one upgrades its manifest to version 2 in place (its shards and 
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import re
@@ -424,6 +425,7 @@ class SliceStore:
         self._formats = [s.get("meta", "jsonl") for s in shards]
         sizes = np.array([s["n"] for s in shards], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self._starts: list[int] = self._offsets[:-1].tolist()  # for bisect in single reads
         self._item_bytes = 3 * self.image_size * self.image_size
         self._fds: OrderedDict[int, int] = OrderedDict()  # LRU of open shard files: shard -> descriptor
         self._max_open = _max_open_files()
@@ -437,7 +439,8 @@ class SliceStore:
         """Descriptor of shard ``k``'s .npy, opened (and its header checked) on first use."""
         fd = self._fds.get(k)
         if fd is not None:
-            self._fds.move_to_end(k)
+            if len(self._fds) >= self._max_open:  # order matters only once files are being closed
+                self._fds.move_to_end(k)
             return fd
         f = self.path / "shards" / f"{self._names[k]}.npy"
         fd = os.open(f, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -473,9 +476,9 @@ class SliceStore:
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for a store of {n} items")
         i += n if i < 0 else 0
-        k = int(np.searchsorted(self._offsets, i, side="right") - 1)
+        k = bisect.bisect_right(self._starts, i) - 1
         out = np.empty((3, self.image_size, self.image_size), np.uint8)
-        self._read(k, i - int(self._offsets[k]), out)
+        self._read(k, i - self._starts[k], out)
         return out
 
     def images(self, idx: Sequence[int] | np.ndarray) -> np.ndarray:
