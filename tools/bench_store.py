@@ -178,7 +178,8 @@ def phase_loader(unlabeled: Path, labeled: Path, size: int, workers: int, steps:
     me = psutil.Process()
     peak = {"main_rss": 0.0, "workers_rss": 0.0, "main_pss": 0.0, "workers_pss": 0.0}
     per_input = [targets.idx, targets.prob, targets.kept, rows, lab.labels] + [sp.rows for sp in data.samplers]
-    peak["per_input_mb"] = sum(a.nbytes for a in per_input) / 2 ** 20  # pseudo-labels, kept mask, rows, labels
+    unique = {id(a): a for a in per_input}.values()  # the pseudo sampler holds `rows` itself, not a copy
+    peak["per_input_mb"] = sum(a.nbytes for a in unique) / 2 ** 20  # pseudo-labels, kept mask, rows, labels
     stop = threading.Event()
 
     def sample() -> None:

@@ -77,6 +77,9 @@ class DeviceNoise:
     per-channel min/max stretch, torchvision's rule) are batched and selected per sample. Pixels differ from
     the CPU path only by interpolation (one bilinear resample instead of an antialiased resize then a
     nearest-neighbour rotation, and no rounding to uint8 between steps); the parameters are the same.
+    Why this shape: torchvision v2 transforms draw one parameter set per call (a batch would share one crop),
+    and kornia would be a new dependency whose samplers draw their own distributions; drawing with
+    torchvision's own ``make_params`` (:func:`noise_params`) and applying with torch ops keeps one definition.
     """
 
     def __init__(self, img_size: int) -> None:
