@@ -161,3 +161,14 @@ def test_device_loaders_read_uint8_and_carry_noise_parameters(stores):
     with pytest.raises(ValueError, match="augment_on=cpu"):
         build_loaders(labeled, np.arange(10), labeled.labels, labeled_batch=4, seed=0, stage=1, num_workers=0,
                       transform=v2.Compose([v2.RandomHorizontalFlip()]), augment_on="device")
+
+
+def test_loaders_with_workers_freeze_the_parent_heap_before_forking(stores):
+    import gc
+    labeled, _, _ = stores
+    gc.unfreeze()
+    build_loaders(labeled, np.arange(10), labeled.labels, labeled_batch=4, seed=0, stage=1, num_workers=0)
+    assert gc.get_freeze_count() == 0  # no workers, nothing forked: nothing frozen
+    build_loaders(labeled, np.arange(10), labeled.labels, labeled_batch=4, seed=0, stage=1, num_workers=1)
+    assert gc.get_freeze_count() > 0  # the objects that exist now are never scanned by a worker's collection
+    gc.unfreeze()
