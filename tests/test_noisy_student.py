@@ -193,3 +193,12 @@ def test_multiprocess_pseudo_labels_match_one_process(stores, reference, tmp_pat
     assert all(p.returncode == 0 for p in procs), "\n".join(x[-3000:] for x in logs)
     _same_pseudo(reference[0], out)
     assert (out / "iter1" / "metrics.json").is_file() and (out / "metrics.md").is_file()
+
+
+def test_checkpoints_record_the_measured_metrics_for_the_model_card(reference):
+    out, _ = reference
+    for it in (0, 1):
+        info = json.loads((out / f"iter{it}" / "checkpoint" / "checkpoint.json").read_text())["info"]
+        metrics = json.loads((out / f"iter{it}" / "metrics.json").read_text())
+        assert info["metrics"]["test"] == metrics["test"] and "thresholds" not in info["metrics"]
+        assert info["preparation"] is None  # these stores were written by StoreWriter, not by `dompre ingest`

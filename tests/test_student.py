@@ -172,3 +172,18 @@ def test_loaders_with_workers_freeze_the_parent_heap_before_forking(stores):
     build_loaders(labeled, np.arange(10), labeled.labels, labeled_batch=4, seed=0, stage=1, num_workers=1)
     assert gc.get_freeze_count() > 0  # the objects that exist now are never scanned by a worker's collection
     gc.unfreeze()
+
+def test_unkept_top_k_labels_negative_soft_or_ignored(stores):
+    """Row 1 keeps nothing above 0.5 ('liver' 0.3): its top-k labels are 0, the teacher's probabilities or
+    unknown (NaN, left out of the loss) by pseudo.unkept; a kept label is 1 in every mode."""
+    pl = stores[2]
+    got = {mode: pseudo_rows(pl, PseudoConfig(unkept=mode, drop_empty=False), None)[1] for mode in
+           ("negative", "soft", "ignore")}
+    for mode, t in got.items():
+        assert t[0][2] == 1.0, mode                                  # kept 'liver' of an even row
+    np.testing.assert_array_equal(got["negative"][1], [0, 0, 0])
+    np.testing.assert_allclose(got["soft"][1], [0.2, 0.1, 0.3], atol=1e-3)
+    np.testing.assert_allclose(got["soft"][0], [0.2, 0.1, 1.0], atol=1e-3)
+    assert np.isnan(got["ignore"][1]).all() and np.isnan(got["ignore"][0][:2]).all()
+    with pytest.raises(ValueError, match="unkept"):
+        pseudo_rows(pl, PseudoConfig(unkept="maybe"), None)

@@ -53,6 +53,8 @@ class PseudoConfig:
     top_k: int = 15  # ... and it is among the top_k labels of the input
     val_thresholds: bool = False  # also require the teacher's per-label validation threshold (calibrated keep)
     soft: bool = False  # soft targets (teacher probabilities of kept labels) instead of hard 1/0
+    unkept: Literal["negative", "soft", "ignore"] = "negative"  # top-k labels not kept: 0 (paper), the teacher's
+    #   probability (distillation), or unknown (left out of the loss); labels outside the top-k are 0 in every mode
     balance: bool = False  # per-label balancing: sample inputs of rare pseudo-labels more often
     drop_empty: bool = True  # leave out inputs with no kept label (as Noisy Student drops low-confidence images)
     batch_size: int = 128  # inputs per forward pass while labeling
@@ -99,6 +101,21 @@ class DebugConfig:
 
 
 @dataclass(frozen=True)
+class PseudoPretrainConfig:
+    enabled: bool = False  # after the loop: train `arch` on the final pseudo-labels only, then export it
+    arch: str = "vgg16"  # any timm architecture (Virk & Bathula Table 3: VGG16)
+    epochs: int = 5  # passes over the pseudo-labeled inputs
+    batch_size: int = 64  # pseudo-labeled inputs per step and process
+    lr: float = 0.01  # peak learning rate (cosine decay)
+    warmup_epochs: float = 0.5  # linear warmup length in epochs
+    opt: str = "sgd"  # timm optimizer name
+    weight_decay: float = 5e-4
+    drop_rate: float = 0.0  # classifier dropout
+    noise: bool = False  # the students' input noise on the pseudo-labeled inputs
+    pretrained: bool = False  # start from timm's pretrained weights (must be cached)
+
+
+@dataclass(frozen=True)
 class PretrainRecipe:
     seed: int = 0  # one seed for everything (accelerate.utils.set_seed)
     output_dir: str = field(default="runs/pretrain", metadata=PATH)  # where the run writes (resumes if present)
@@ -111,6 +128,7 @@ class PretrainRecipe:
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     debug: DebugConfig = DebugConfig()
+    pseudo_pretrain: PseudoPretrainConfig = PseudoPretrainConfig()
 
 
 def check_recipe(recipe: PretrainRecipe, source: str = "recipe") -> None:

@@ -123,16 +123,28 @@ class SeededNoiseParams(SeededImages):
 
 
 class PseudoTargets:
-    """Dense per-row targets of the unlabeled store from stored top-k and the kept mask (row -> (L,))."""
+    """Dense per-row targets of the unlabeled store from stored top-k and the kept mask (row -> (L,)).
 
-    def __init__(self, pseudo: PseudoLabels, kept: np.ndarray, soft: bool) -> None:
-        self.idx, self.prob, self.kept, self.soft = pseudo.idx, pseudo.prob, kept, soft
+    Kept labels are 1 (``soft``: the teacher's probability); the other top-k labels follow ``unkept``
+    (``negative``: 0, ``soft``: the teacher's probability, ``ignore``: NaN, which the loss leaves out); labels
+    outside the stored top-k are 0.
+    """
+
+    def __init__(self, pseudo: PseudoLabels, kept: np.ndarray, soft: bool, unkept: str = "negative") -> None:
+        if unkept not in ("negative", "soft", "ignore"):
+            raise ValueError(f"pseudo.unkept={unkept!r}; choose negative, soft or ignore")
+        self.idx, self.prob, self.kept, self.soft, self.unkept = pseudo.idx, pseudo.prob, kept, soft, unkept
         self.num_labels = len(pseudo.label_names)
 
     def __getitem__(self, row: int) -> np.ndarray:
         out = np.zeros(self.num_labels, dtype=np.float32)
-        k = self.kept[row]
-        out[self.idx[row][k].astype(np.int64)] = self.prob[row][k].astype(np.float32) if self.soft else 1.0
+        k, idx = self.kept[row], self.idx[row].astype(np.int64)
+        prob = self.prob[row].astype(np.float32)
+        if self.unkept == "soft":
+            out[idx] = prob
+        elif self.unkept == "ignore":
+            out[idx] = np.nan
+        out[idx[k]] = prob[k] if self.soft else 1.0
         return out
 
 
@@ -163,7 +175,7 @@ def pseudo_rows(pseudo: PseudoLabels, cfg: PseudoConfig, exclusive: np.ndarray |
     summary = {"inputs": int(len(pseudo)), "used": int(len(rows)), "empty": int((~has).sum()),
                "labels_per_input": float(kept.sum(1)[rows].mean()),
                "per_label": {n: int(c) for n, c in zip(pseudo.label_names, counts)}}
-    return rows, PseudoTargets(pseudo, kept, cfg.soft), weights, summary
+    return rows, PseudoTargets(pseudo, kept, cfg.soft, cfg.unkept), weights, summary
 
 
 def mix_batches(labeled: dict, pseudo: dict | None) -> dict:
