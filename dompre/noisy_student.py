@@ -88,7 +88,8 @@ def load_run_data(recipe: PretrainRecipe) -> RunData:
                        f"(it has {store_names[:8]}...); fix data.labels / data.label_class")
     cols = [store_names.index(n) for n in names]
     labels = labeled.labels[:, cols]
-    split = labeled.meta["split"].astype(str).to_numpy()
+    meta = labeled.columns(["split", "lesion_idx"])  # only the columns used, not the whole table
+    split = meta["split"].astype(str).to_numpy()
     known = ~np.isnan(labels).all(1)
     train_rows = np.flatnonzero((split == d.train_split) & known)
     if len(train_rows) == 0:
@@ -100,7 +101,7 @@ def load_run_data(recipe: PretrainRecipe) -> RunData:
         from dompre.data.deeplesion import load_hand_labeled
         hand = load_hand_labeled(d.hand_labeled, names)
         # rows of lesions outside the training split only, so the hand-labeled score never sees training inputs
-        where = {int(v): i for i, v in enumerate(labeled.meta["lesion_idx"].to_numpy())
+        where = {int(v): i for i, v in enumerate(meta["lesion_idx"].to_numpy())
                  if int(v) >= 0 and split[i] != d.train_split}
         pairs = [(where[l], k) for k, l in enumerate(hand.lesion_idxs) if l in where]
         rows["hand"] = np.array([p[0] for p in pairs], dtype=np.int64)
@@ -158,7 +159,7 @@ def _train_iteration(accelerator, recipe: PretrainRecipe, data: RunData, it: int
     wp, wn = label_weights(data.labels[data.train_rows], r.teacher.max_label_weight)
     loss_fn = WeightedFocalLoss(wp, wn, gamma=r.teacher.focal_gamma)
     common = dict(labeled_batch=r.teacher.batch_size, seed=r.seed, stage=it, num_workers=r.train.num_workers,
-                  world=accelerator.num_processes)
+                  world=accelerator.num_processes, augment_on=r.train.augment_on)
     info: dict = {"iteration": it}
     fail = r.debug.fail_after_steps if r.debug.fail_stage == f"iter{it}" else -1
     if it == 0:

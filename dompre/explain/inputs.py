@@ -116,8 +116,8 @@ def _store_item(store: Any, i: int, store_dir: str, label_names: Sequence[str]) 
         if np.isnan(truth).all():
             truth = None
     box = None
-    if "bbox" in getattr(store.meta, "columns", ()):
-        box = parse_box(store.meta["bbox"].iloc[i])
+    if hasattr(store, "item_meta"):  # one item's metadata, not the store's whole table
+        box = parse_box(store.item_meta(i).get("bbox"))
     return InputItem(f"{Path(store_dir).name}:{i}", image, truth, box)
 
 

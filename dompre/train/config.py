@@ -80,6 +80,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate mixed precision (GPU: bf16)
     channels_last: bool = False  # channels_last memory format (faster on GPU)
     num_workers: int = 2  # DataLoader workers per process
+    augment_on: Literal["cpu", "device"] = "cpu"  # student noise in the loader workers or on the accelerator
     torch_threads: int = 0  # intra-op CPU threads per process (0 = torch's default; 1 on a busy or tiny CPU box)
     checkpoint_every: int = 200  # save_state every N optimizer steps (and at every epoch end)
     log_every: int = 10  # log losses to the trackers every N steps
