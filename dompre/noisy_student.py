@@ -103,7 +103,7 @@ def load_run_data(recipe: PretrainRecipe) -> RunData:
         # rows of lesions outside the training split only, so the hand-labeled score never sees training inputs
         where = {int(v): i for i, v in enumerate(meta["lesion_idx"].to_numpy())
                  if int(v) >= 0 and split[i] != d.train_split}
-        pairs = [(where[l], k) for k, l in enumerate(hand.lesion_idxs) if l in where]
+        pairs = [(where[idx], k) for k, idx in enumerate(hand.lesion_idxs) if idx in where]
         rows["hand"] = np.array([p[0] for p in pairs], dtype=np.int64)
         set_labels["hand"] = hand.labels[[p[1] for p in pairs]] if pairs else np.zeros((0, len(names)), np.float32)
     exclusive = parents = None

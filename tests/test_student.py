@@ -87,6 +87,7 @@ def test_noise_is_seeded_per_item(stores):
     a, b, c = ds[(3, 7)]["image"], ds[(3, 7)]["image"], ds[(3, 8)]["image"]
     assert a.shape == (3, 12, 12) and a.dtype == torch.uint8
     assert torch.equal(a, b)
+    assert not torch.equal(a, c)  # another stream position, other noise
 
 
 def test_task_loss_is_labeled_plus_weighted_pseudo():

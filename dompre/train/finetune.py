@@ -550,7 +550,6 @@ def run_finetune(recipe: FinetuneRecipe, out_dir: str | Path | None = None) -> d
     (out / "metrics.json").unlink(missing_ok=True)  # results of an earlier recipe must not outlive a rerun
     save_recipe(recipe, out / "recipe.yaml")
     ds, splits = prepare_data(recipe)
-    k = len(ds.label_names)
     if recipe.train.strategy == "features":
         res = run_features(recipe, ds, splits)
         val, test, histories, extra = res["val"], res["test"], [], {"feature_dim": res["feature_dim"]}
