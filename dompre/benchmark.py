@@ -261,12 +261,10 @@ def source_stats(stores: dict, sample: int = 400, seed: int = 0) -> dict:
         body = (img > 40).mean(axis=(1, 2, 3))  # grey 40 ~ -380 HU in the default window: body, not air
         row = {"inputs": int(n), "body_fraction": float(body.mean()), "body_fraction_p10": float(np.percentile(body, 10)),
                "mean_grey": float(img.mean())}
-        meta = store.meta
-        if "body_box" in meta:
-            box = np.array([b for b in meta["body_box"].to_numpy()[rows] if isinstance(b, (list, np.ndarray))
-                            and len(b) == 4], np.float64)
-            if len(box):
-                row["box_h"] = float(np.median(box[:, 1] - box[:, 0]))
-                row["box_w"] = float(np.median(box[:, 3] - box[:, 2]))
+        boxes = store.columns(["body_box"])["body_box"].to_numpy()[rows]  # None where not recorded
+        box = np.array([b for b in boxes if isinstance(b, (list, tuple, np.ndarray)) and len(b) == 4], np.float64)
+        if len(box):
+            row["box_h"] = float(np.median(box[:, 1] - box[:, 0]))
+            row["box_w"] = float(np.median(box[:, 3] - box[:, 2]))
         out[name] = row
     return out
