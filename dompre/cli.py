@@ -178,13 +178,17 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="transfer study: grid of init x freeze x seeds, mean ± std, significance")
     p.add_argument("recipe", metavar="RECIPE", help="fine-tuning recipe YAML")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
-    p.add_argument("--init", default="random,domain", help="comma-separated inits (random, domain, file)")
+    p.add_argument("--init", default="random,domain",
+                   help="comma-separated inits (random, domain, file, imagenet, meanvar); the first is the baseline "
+                        "of the convergence speed-up")
     p.add_argument("--freeze", default="0", help="comma-separated percents of frozen layers, e.g. 0,50,100")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per cell (default 3)")
     p.add_argument("--strategy", default=None, help="comma-separated: finetune, features (default: recipe's)")
     p.add_argument("--weights", default=None, help="export folder / weights file for non-random inits")
-    p.add_argument("--metric", default=None, help="compared metric (default auc multi-label, mcc single-label)")
+    p.add_argument("--metric", default=None, help="compared metric, e.g. auc_micro, best_epoch (default auc "
+                                                  "multi-label, mcc single-label)")
     p.add_argument("--out", default=None, help="study folder (default RECIPE out_dir/study)")
+    p.add_argument("--tsne", action="store_true", help="also plot a t-SNE of test features per freeze level (tsne.png)")
     p.set_defaults(func=_run_study)
 
 
@@ -196,7 +200,7 @@ def _run_study(args: argparse.Namespace) -> int:
         raise ValueError(f"--freeze {args.freeze!r}: give comma-separated numbers, e.g. 0,50,100") from None
     res = run_study(args.recipe, inits=tuple(args.init.split(",")), freezes=freezes, seeds=args.seeds,
                     strategies=tuple(args.strategy.split(",")) if args.strategy else None, metric=args.metric,
-                    weights=args.weights, out_dir=args.out, overrides=tuple(args.overrides))
+                    weights=args.weights, out_dir=args.out, overrides=tuple(args.overrides), tsne=args.tsne)
     print(res["markdown"], end="")
     print(f"outputs: {res['out_dir']}")
     return 0
@@ -205,8 +209,13 @@ def _run_study(args: argparse.Namespace) -> int:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a checkpoint as a timm folder (config.json, model.safetensors, README.md)")
     p.add_argument("checkpoint", help="checkpoint folder (model.safetensors + checkpoint.json)")
-    p.add_argument("out_dir", help="export folder (new, empty, or an earlier export, which is replaced)")
+    p.add_argument("out_dir", help="export folder (new, empty, or an earlier dompre export, which is replaced)")
     p.add_argument("--card-note", default=None, help="a note added to the README.md model card")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR even when it is not a dompre export (deletes everything in it)")
+    p.add_argument("--hub-layout", default=None, metavar="OWNER/NAME",
+                   help="write exactly the files timm.models.push_to_hf_hub uploads (safetensors, config, card "
+                        "naming hf-hub:OWNER/NAME); upload the folder with huggingface_hub")
     p.add_argument("--explain", nargs="+", default=None, metavar="INPUT",
                    help="example inputs (STORE_DIR:3,7,9, SERIES_DIR@SLICE, PNG) whose integrated-gradient "
                         "montage goes into the model card")
@@ -222,16 +231,22 @@ def _run_export(args: argparse.Namespace) -> int:
 
         from dompre.explain import parse_inputs
         meta = read_checkpoint_meta(args.checkpoint)
-        size = tuple(meta.get("info", {}).get("input_size") or (3, 256, 256))[-2:]
+        info = meta.get("info", {})
+        size = tuple(info.get("input_size") or (3, *[(info.get("preparation") or {}).get("size") or 256] * 2))[-2:]
         items, skipped = parse_inputs(args.explain, meta.get("label_names") or [], size)
         for spec, reason in skipped:
             print(f"export: skipped explanation input {spec}: {reason}", file=sys.stderr)
         images = np.stack([it.image for it in items]) if items else None
+    if images is not None and args.hub_layout:
+        print("export: --explain is left out of --hub-layout (push_to_hf_hub uploads no montage)", file=sys.stderr)
     r = export_timm(args.checkpoint, args.out_dir, card={"note": args.card_note} if args.card_note else None,
-                    explain_images=images)
+                    explain_images=images, overwrite=args.overwrite, hub_repo=args.hub_layout)
     print(f"exported {r['arch']} ({r['params']:,} parameters, {r['num_classes']} outputs) -> {r['out_dir']}")
     print(f"checked: timm.create_model('local-dir:{r['out_dir']}', pretrained=True) gives the same outputs "
           f"(max |diff| {r['max_abs_diff']:.2g})")
+    if args.hub_layout:
+        print(f"hub layout: upload {r['out_dir']} to {args.hub_layout}; load with "
+              f"timm.create_model('hf-hub:{args.hub_layout}', pretrained=True)")
     return 0
 
 
@@ -259,15 +274,23 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the main job end to end on the synthetic cohort: synth, ingest, pretrain, export")
-    p.add_argument("--out", default="dompre-demo", help="demo folder (default dompre-demo); rerun to resume")
-    p.add_argument("--patients", type=int, default=36, help="synthetic patients (default 36)")
-    p.add_argument("--seed", type=int, default=0, help="cohort and training seed (default 0)")
-    p.add_argument("--recipe", default=None, help="pretraining recipe (default recipes/demo.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="pretraining recipe override (repeatable)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run_demo)
+    for name, default_out, seeds, text in (
+            ("demo", "dompre-demo", 1, "the main job end to end on the synthetic cohort, with the benchmark arms "
+                                       "(teacher, students, oracle, plain self-training) scored on held-out truth"),
+            ("benchmark", "dompre-benchmark", 3, "the demo over several training seeds: the same report with "
+                                                 "intervals over seeds (about 30 minutes on 2 CPU cores)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--out", default=default_out, help=f"output folder (default {default_out}); rerun to resume")
+        p.add_argument("--patients", type=int, default=48, help="training cohort patients (default 48)")
+        p.add_argument("--heldout-patients", type=int, default=20, help="held-out patients scored against truth "
+                                                                        "(default 20)")
+        p.add_argument("--seed", type=int, default=0, help="cohort seed and first training seed (default 0)")
+        p.add_argument("--seeds", type=int, default=seeds, help=f"training seeds seed, seed+1, ... (default {seeds})")
+        p.add_argument("--recipe", default=None, help="pretraining recipe (default recipes/demo.yaml)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="pretraining recipe override (repeatable)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -275,18 +298,25 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     from dompre.demo import run_demo
     logging.basicConfig(level=logging.WARNING)
-    s = run_demo(args.out, patients=args.patients, seed=args.seed, recipe=args.recipe, overrides=args.overrides,
-                 progress=not args.no_progress)
-    for r in s["results"]:
-        cells = " ".join(f"{k} auc {r[k]['auc']:.4f} f1 {r[k]['f1']:.4f}" for k in ("test", "hand")
-                         if r.get(k) and r[k].get("auc") is not None)
-        print(f"iteration {r['iteration']} ({'teacher' if r['iteration'] == 0 else 'student'}): {cells}")
-    print(f"demo: {s['verdict']}")
+    if args.seeds < 1 or args.patients < 2 or args.heldout_patients < 2:
+        raise ValueError("--seeds must be >= 1, --patients and --heldout-patients >= 2")
+    s = run_demo(args.out, patients=args.patients, seed=args.seed, heldout_patients=args.heldout_patients,
+                 seeds=tuple(range(args.seed, args.seed + args.seeds)), recipe=args.recipe,
+                 overrides=args.overrides, progress=not args.no_progress)
+    b = s["benchmark"]
+    for seed in b["seeds"]:
+        row = b["per_seed"][str(seed)]
+        cells = "; ".join(f"{n} {a['auc']:.4f} [{a['auc_ci'][0]:.4f}, {a['auc_ci'][1]:.4f}]"
+                          for n, a in row["arms"].items())
+        print(f"seed {seed} held-out test mean AUC: {cells}")
+    print(f"{args.command}: {s['verdict']}")
     d = s["downstream"]
     cells = "; ".join(f"{r['init']} init {r['mean']:.4f} ± {r['std']:.4f}" for r in d["summary"])
-    print(f"demo: downstream lesion type ({d['metric']}, {len(d['summary'])} inits x {d['summary'][0]['n']} seeds): {cells}")
-    print(f"demo: report {s['report']}; backbone {s['backbone']}; wall time {s['times_s']['total']} s")
+    print(f"{args.command}: downstream lesion type ({d['metric']}, {len(d['summary'])} inits x "
+          f"{d['summary'][0]['n']} seeds): {cells}")
+    print(f"{args.command}: report {s['report']}; backbone {s['backbone']}; wall time {s['times_s']['total']} s")
     return 0
+
 
 COMMANDS = [_add_synth, _add_explain, _add_ingest, _add_finetune, _add_study, _add_export, _add_pretrain, _add_demo]
 

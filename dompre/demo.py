@@ -1,8 +1,10 @@
-"""The main job on the built-in synthetic cohort: synth -> ingest -> Noisy Student -> export -> report.
+"""The main job on the built-in synthetic cohort, and the benchmark that shows whether Noisy Student works.
 
-``dompre demo [--out DIR]`` runs every stage of dompre end to end on CPU in minutes; each stage resumes when
-the command is rerun (cohort, stores, pretraining and export all skip finished work). The report folder holds a
-Markdown summary with the metrics table per iteration, the plots and the exported timm backbone.
+``dompre demo [--out DIR]`` runs every stage end to end on CPU in minutes: synth (a training cohort whose
+labeled share is written as DeepLesion PNGs and the rest as DICOM, plus a cohort of held-out patients) ->
+ingest -> Noisy Student -> the arms that bracket it (:mod:`dompre.benchmark`) -> export -> downstream
+fine-tuning -> report. ``dompre benchmark`` is the same job over three training seeds, with intervals over seeds.
+Every stage resumes when the command is rerun (cohorts, stores, stages and export skip finished work).
 """
 from __future__ import annotations
 
@@ -13,7 +15,14 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
+from dompre.benchmark import heldout_sets, plot_arms, run_arms, source_stats, store_truth, summarize
+
 logger = logging.getLogger(__name__)
+
+COHORT_DEFAULTS = {"matrix": 128, "labeled_lesions": (8, 12), "labeled_coverage": "whole-body"}
+HELDOUT_SEED_OFFSET = 7919  # the held-out cohort's seed: no patient is shared with the training cohort
 
 
 def default_recipe() -> Path:
@@ -32,142 +41,161 @@ def _timed(times: dict, name: str, fn, *args, **kwargs):
     return result
 
 
-def run_demo(out: str | Path, *, patients: int = 36, seed: int = 0, labeled_fraction: float = 0.3,
-             recipe: str | Path | None = None, overrides: Sequence[str] = (), progress: bool = True,
-             downstream_epochs: int = 8, downstream_patients: int = 40, synth_options: dict | None = None) -> dict:
-    """Run the whole pipeline into ``out`` and return a summary (paths, timings, per-iteration metrics).
+def run_demo(out: str | Path, *, patients: int = 48, seed: int = 0, labeled_fraction: float = 0.25,
+             heldout_patients: int = 20, seeds: Sequence[int] | None = None, recipe: str | Path | None = None,
+             overrides: Sequence[str] = (), progress: bool = True, downstream_epochs: int = 8,
+             downstream_patients: int = 40, synth_options: dict | None = None, replicates: int = 1000) -> dict:
+    """Run the whole pipeline and the benchmark arms into ``out``; return the summary written to the report.
 
     Args:
-        out: demo folder (``cohort/``, ``stores/``, ``run/``, ``report/``).
-        patients: synthetic patients; ``labeled_fraction`` of them form the labeled DeepLesion share.
-        seed: cohort and training seed.
+        out: demo folder (``cohort/``, ``heldout_cohort/``, ``stores/``, ``run/seed-S/``, ``report/``).
+        patients: training cohort; ``labeled_fraction`` of them form the labeled DeepLesion share (their
+            lesion key slices are the labeled inputs), the rest the unlabeled DICOM share.
+        seed: cohort seed (the held-out cohort uses ``seed + 7919``).
+        heldout_patients: patients in neither share, prepared like the unlabeled inputs and scored against
+            truth (30% validation: thresholds and the choice of student; 70% test).
+        seeds: training seeds (default ``(seed,)``); ``dompre benchmark`` passes three.
         recipe: pretraining recipe (default ``recipes/demo.yaml``); ``overrides`` are its ``key=value``s.
-        downstream_epochs: epochs of the last step, lesion-type fine-tuning from random vs domain init, on a
-            separate DeepLesion-layout cohort of ``downstream_patients`` held-out patients.
-        synth_options: further ``generate_cohort`` arguments (default matrix 128).
+        downstream_epochs, downstream_patients: the last step, lesion-type fine-tuning from random vs domain
+            init on a separate DeepLesion-layout cohort.
+        synth_options: further ``generate_cohort`` arguments for the training cohort (defaults
+            :data:`COHORT_DEFAULTS`; the held-out cohort shares ``matrix`` and ``max_slices``).
+        replicates: patient-bootstrap replicates for the intervals.
     """
     from dompre.data.ingest import ingest_dicom, load_ingest_recipe
     from dompre.data.ingest_deeplesion import ingest_deeplesion, load_deeplesion_recipe
+    from dompre.data.store import SliceStore
     from dompre.data.synthetic import generate_cohort
-    from dompre.export import export_timm
-    from dompre.noisy_student import run as run_pretraining
+    from dompre.export import export_timm, read_checkpoint_meta, record_metrics
+    from dompre.noisy_student import load_run_data
     from dompre.recipes import load_recipe
     from dompre.train.config import PretrainRecipe
     from dompre.train.study import run_synthetic_downstream
 
     out = Path(out).resolve()
-    cohort, stores, run_dir, report = out / "cohort", out / "stores", out / "run", out / "report"
+    cohort, held_dir, stores, report = out / "cohort", out / "heldout_cohort", out / "stores", out / "report"
     dl = cohort / "deeplesion"
-    rec = load_recipe(recipe or default_recipe(), PretrainRecipe, [
-        f"output_dir={run_dir}", f"seed={seed}", f"data.labeled_store={stores / 'deeplesion'}",
-        f"data.unlabeled_store={stores / 'dicom'}", f"data.ontology={dl / 'lesion_ontology.csv'}",
-        f"data.hand_labeled={dl / 'hand_labeled_test_set.json'}", f"train.progress={str(progress).lower()}",
-        *overrides])
+    seeds = tuple(seeds) if seeds else (seed,)
+    opts = {**COHORT_DEFAULTS, **(synth_options or {})}
+    held_opts = {k: opts[k] for k in ("matrix", "max_slices") if k in opts}
+
+    def recipe_for(s: int):
+        return load_recipe(recipe or default_recipe(), PretrainRecipe, [
+            f"output_dir={out / 'run' / f'seed-{s}'}", f"seed={s}", f"data.labeled_store={stores / 'deeplesion'}",
+            f"data.unlabeled_store={stores / 'dicom'}", f"data.ontology={dl / 'lesion_ontology.csv'}",
+            f"data.hand_labeled={dl / 'hand_labeled_test_set.json'}", f"train.progress={str(progress).lower()}",
+            *overrides])
+
+    rec = recipe_for(seeds[0])
     size = rec.model.img_size
     times: dict[str, float] = {}
     t_all = time.perf_counter()
     if not (cohort / "cohort.json").is_file():
         _timed(times, "synth", generate_cohort, cohort, patients=patients, seed=seed, layout="both",
-               labeled_fraction=labeled_fraction, progress=progress, **{"matrix": 128, **(synth_options or {})})
+               labeled_fraction=labeled_fraction, progress=progress, **opts)
+    if not (held_dir / "cohort.json").is_file():
+        _timed(times, "synth held-out", generate_cohort, held_dir, patients=heldout_patients,
+               seed=seed + HELDOUT_SEED_OFFSET, layout="dicom", progress=progress, **held_opts)
     prep = (f"prep.size={size}", "prep.min_slices=20")
-    _timed(times, "ingest dicom", ingest_dicom, cohort / "dicom", stores / "dicom", workers=2,
-           recipe=load_ingest_recipe(None, prep), progress=progress)
+    for name, src, dst in (("ingest dicom", cohort / "dicom", stores / "dicom"),
+                           ("ingest held-out", held_dir / "dicom", stores / "heldout")):
+        _timed(times, name, ingest_dicom, src, dst, workers=2, recipe=load_ingest_recipe(None, prep),
+               progress=progress)
     _timed(times, "ingest deeplesion", ingest_deeplesion, dl, stores / "deeplesion",
            labels=dl / "text_mined_labels_171_and_split.json", ontology=dl / "lesion_ontology.csv",
            classes="bodypart", recipe=load_deeplesion_recipe(None, prep), progress=progress)
-    result = _timed(times, "pretrain", run_pretraining, rec)
+    data = load_run_data(rec)
+    held = heldout_sets(SliceStore(stores / "heldout"), held_dir / "truth" / "slices.csv", data.label_names)
+    unl_truth, _ = store_truth(data.unlabeled, cohort / "truth" / "slices.csv", data.label_names)
+    per_seed = {s: _timed(times, f"pretrain + arms, seed {s}", run_arms, recipe_for(s), held, unl_truth,
+                          replicates=replicates) for s in seeds}
+    summary = summarize(per_seed)
     report.mkdir(parents=True, exist_ok=True)
-    last = result["results"][-1]
-    exported = _timed(times, "export", export_timm, Path(last["stage"]) / "checkpoint", report / "backbone",
-                      card={"note": f"dompre demo: iteration {last['iteration']} of a Noisy Student run on the "
-                                    "synthetic CT cohort (not a clinical model)"})
-    # held-out patients (another seed) in the DeepLesion layout, so the downstream task has enough lesions
-    # and none of the images the backbone was pretrained on
+    plot_arms(summary, report / "arms.png")
+
+    first = per_seed[seeds[0]]["run"]
+    chosen = summary["per_seed"][seeds[0]]["chosen"] or "teacher"
+    stage = Path(first["output_dir"]) / ("iter0" if chosen == "teacher" else f"iter{chosen.split('-')[1]}")
+    row = summary["per_seed"][seeds[0]]["arms"][chosen]
+    known = read_checkpoint_meta(stage / "checkpoint")["info"].get("metrics", {})
+    record_metrics(stage / "checkpoint", {**known, "heldout_test": {
+        "auc": row["auc"], "auc_ci_low": row["auc_ci"][0], "auc_ci_high": row["auc_ci"][1], "f1": row["f1"],
+        "auc_taught_labels": row["auc_taught"], "n_inputs": row["n_inputs"], "n_patients": row["n_patients"]}})
+    exported = _timed(times, "export", export_timm, stage / "checkpoint", report / "backbone", overwrite=True,
+                      card={"note": f"dompre demo: {chosen} (chosen on held-out validation) of a Noisy Student run "
+                                    "on the synthetic CT cohort (not a clinical model)"})
     down_cohort = out / "downstream_cohort"
     if not (down_cohort / "cohort.json").is_file():
         _timed(times, "synth downstream", generate_cohort, down_cohort, patients=downstream_patients,
                seed=seed + 1000, layout="deeplesion", progress=progress,
-               **{"matrix": 128, "max_slices": 48, **(synth_options or {})})
+               **{"matrix": opts["matrix"], "max_slices": 48})
     downstream = _timed(times, "downstream", run_synthetic_downstream, down_cohort, report / "backbone",
                         out / "downstream", epochs=downstream_epochs, seeds=3, image_size=size,
                         overrides=(f"train.progress={str(progress).lower()}",))
     times["total"] = round(time.perf_counter() - t_all, 1)
     for name in ("metrics.png", "metrics.csv", "metrics.md"):
-        shutil.copy2(run_dir / name, report / name)
-    summary = {"out": str(out), "report": str(report / "README.md"), "backbone": exported["out_dir"],
-               "times_s": times, "results": [{k: r[k] for k in ("iteration", "model", "pseudo_used")}
-                                             | {"test": r["metrics"].get("test"), "hand": r["metrics"].get("hand")}
-                                             for r in result["results"]],
-               "labeled": {k: int(len(v)) for k, v in _split_sizes(stores / "deeplesion").items()},
-               "unlabeled_inputs": _store_len(stores / "dicom"),
-               "downstream": {"metric": downstream["metric"], "n": downstream["n"], "arch": downstream["arch"],
-                              "summary": downstream["summary"], "comparisons": downstream["comparisons"],
-                              "markdown": downstream["markdown"], "out_dir": str(downstream["out_dir"])}}
-    summary["verdict"] = verdict(summary["results"])
-    (report / "README.md").write_text(_report_markdown(summary, (run_dir / "metrics.md").read_text(), rec))
-    (report / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+        shutil.copy2(Path(first["output_dir"]) / name, report / name)
+    result = {
+        "out": str(out), "report": str(report / "README.md"), "backbone": exported["out_dir"], "times_s": times,
+        "seeds": list(seeds), "chosen": chosen,
+        "results": [{k: r[k] for k in ("iteration", "model", "pseudo_used")}
+                    | {"test": r["metrics"].get("test"), "hand": r["metrics"].get("hand")} for r in first["results"]],
+        "labeled": {k: int(v) for k, v in _split_sizes(SliceStore(stores / "deeplesion")).items()},
+        "labeled_train_inputs": int(len(data.train_rows)), "unlabeled_inputs": int(len(data.unlabeled)),
+        "heldout": {k: {"inputs": int(len(v)), "patients": int(len(set(held.patients[k])))}
+                    for k, v in held.rows.items()},
+        "taught": per_seed[seeds[0]]["taught"], "label_names": per_seed[seeds[0]]["label_names"],
+        "sources": source_stats({"labeled (DeepLesion PNG)": data.labeled, "unlabeled (DICOM)": data.unlabeled,
+                                 "held-out (DICOM)": held.store}),
+        "benchmark": _jsonable(summary),
+        "downstream": {"metric": downstream["metric"], "n": downstream["n"], "arch": downstream["arch"],
+                       "summary": downstream["summary"], "comparisons": downstream["comparisons"],
+                       "markdown": downstream["markdown"], "out_dir": str(downstream["out_dir"])}}
+    result["verdict"] = verdict(summary)
+    from dompre._io import write_atomic
+    from dompre.report import demo_markdown
+    write_atomic(report / "README.md", demo_markdown(result, (Path(first["output_dir"]) / "metrics.md").read_text(),
+                                                     rec))
+    write_atomic(report / "summary.json", json.dumps(result, indent=1))
+    return result
 
 
-def _split_sizes(path: Path) -> dict:
-    from dompre.data.store import SliceStore
-    meta = SliceStore(path).meta
-    return {s: meta.index[meta["split"] == s] for s in sorted(meta["split"].unique())}
+def _split_sizes(store) -> dict:
+    meta = store.meta
+    return {s: int((meta["split"] == s).sum()) for s in sorted(meta["split"].unique())}
 
 
-def _store_len(path: Path) -> int:
-    from dompre.data.store import SliceStore
-    return len(SliceStore(path))
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return _jsonable(v.tolist())
+    if isinstance(v, (np.floating, float)):
+        return None if not np.isfinite(v) else float(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
 
 
-def verdict(results: list[dict]) -> str:
-    """One honest sentence: does the best student beat the teacher on the test and hand-labeled sets?"""
-    parts = []
-    for name in ("test", "hand"):
-        t = (results[0].get(name) or {}).get("auc")
-        s = [(r.get(name) or {}).get("auc") for r in results[1:]]
-        s = [v for v in s if v is not None]
-        if t is None or not s:
-            continue
-        best = max(s)
-        word = "beats" if best > t else "does not beat"
-        parts.append(f"on the {name} set the best student ({best:.4f} mean AUC) {word} the teacher ({t:.4f})")
-    return ("; ".join(parts) + ".") if parts else "no test metrics to compare."
+GOALS = {"teacher_auc": 0.85, "gap_closed": 0.5}
 
 
-def _report_markdown(s: dict, table: str, rec) -> str:
-    times = ", ".join(f"{k} {v} s" for k, v in s["times_s"].items())
-    return f"""# dompre demo report
-
-Noisy Student domain pretraining on the built-in synthetic CT cohort: a {rec.model.name} teacher trained on the
-labeled DeepLesion-layout share, {rec.iterations} noised students trained on the labeled inputs plus the teacher's
-pseudo-labels of the unlabeled DICOM share, evaluated with the LesaNet protocol (per-label thresholds on val,
-mean over labels; hand-labeled = the cohort's hand-labeled lesions outside the training split).
-
-- labeled inputs per split: {s['labeled']}; unlabeled inputs: {s['unlabeled_inputs']}
-- image size {rec.model.img_size} px; teacher {rec.teacher.epochs} epochs; students {rec.student.labeled_epochs}
-  labeled epochs with {rec.student.labeled_batch} labeled + {rec.student.pseudo_batch} pseudo-labeled inputs a step
-- wall time: {times}
-
-## Result
-
-{s['verdict'].capitalize()}
-
-{table}
-![metrics per iteration](metrics.png)
-
-## Downstream: lesion type from random vs domain initialisation
-
-The last step fine-tunes the exported {s['downstream']['arch']} to predict lesion type (`Coarse_lesion_type`) on a
-separate DeepLesion-layout cohort of held-out synthetic patients (inputs per split {s['downstream']['n']}), once
-from random weights and once from the pretrained backbone, three seeds each; the metric is
-{s['downstream']['metric']}. Full runs in
-`{s['downstream']['out_dir']}`.
-
-{s['downstream']['markdown'].replace('## ', '### ', 1)}
-
-## Exported backbone
-
-`backbone/` loads with `import dompre, timm; timm.create_model('local-dir:{s['backbone']}')`.
-Synthetic data only: this model says nothing about real CT.
-"""
+def verdict(summary: dict) -> str:
+    """One honest sentence per goal of the benchmark, from the held-out test figures."""
+    seeds = summary["seeds"]
+    teach = [summary["per_seed"][s]["arms"]["teacher"]["auc"] for s in seeds]
+    parts = [f"teacher held-out test mean AUC {np.mean(teach):.3f} over {len(seeds)} seed(s) "
+             f"({'meets' if min(teach) >= GOALS['teacher_auc'] else 'misses'} the {GOALS['teacher_auc']} goal)"]
+    gap, diff = summary.get("gap_closed_all"), summary.get("student_minus_teacher_all")
+    if gap and diff:
+        lo, hi = diff["ci"]
+        excl = "excludes" if lo > 0 or hi < 0 else "includes"
+        per = ", ".join("n/a" if not np.isfinite(g) else f"{g:.0%}" for g in gap["per_seed"])
+        closed = "no gap to close (the oracle is not above the teacher)" if gap["mean"] is None else \
+            f"closes {gap['mean']:.0%} of the teacher-oracle gap on average"
+        parts.append(f"the student chosen on validation {closed} (per seed {per}; goal {GOALS['gap_closed']:.0%}), "
+                     f"student - teacher {diff['mean']:+.4f} with 95% interval [{lo:+.4f}, {hi:+.4f}], which "
+                     f"{excl} 0")
+    return "; ".join(parts) + "."

@@ -88,7 +88,8 @@ def load_run_data(recipe: PretrainRecipe) -> RunData:
                        f"(it has {store_names[:8]}...); fix data.labels / data.label_class")
     cols = [store_names.index(n) for n in names]
     labels = labeled.labels[:, cols]
-    split = labeled.meta["split"].astype(str).to_numpy()
+    meta = labeled.columns(["split", "lesion_idx"])  # only the columns used, not the whole table
+    split = meta["split"].astype(str).to_numpy()
     known = ~np.isnan(labels).all(1)
     train_rows = np.flatnonzero((split == d.train_split) & known)
     if len(train_rows) == 0:
@@ -100,9 +101,9 @@ def load_run_data(recipe: PretrainRecipe) -> RunData:
         from dompre.data.deeplesion import load_hand_labeled
         hand = load_hand_labeled(d.hand_labeled, names)
         # rows of lesions outside the training split only, so the hand-labeled score never sees training inputs
-        where = {int(v): i for i, v in enumerate(labeled.meta["lesion_idx"].to_numpy())
+        where = {int(v): i for i, v in enumerate(meta["lesion_idx"].to_numpy())
                  if int(v) >= 0 and split[i] != d.train_split}
-        pairs = [(where[l], k) for k, l in enumerate(hand.lesion_idxs) if l in where]
+        pairs = [(where[idx], k) for k, idx in enumerate(hand.lesion_idxs) if idx in where]
         rows["hand"] = np.array([p[0] for p in pairs], dtype=np.int64)
         set_labels["hand"] = hand.labels[[p[1] for p in pairs]] if pairs else np.zeros((0, len(names)), np.float32)
     exclusive = parents = None
@@ -141,14 +142,16 @@ def _save_checkpoint(accelerator, model, stage: Path, arch: str, label_names: li
 
 
 def _train_iteration(accelerator, recipe: PretrainRecipe, data: RunData, it: int, stage: Path, position,
-                     teacher_model) -> tuple[object, str, dict]:
-    """Train the teacher (it == 0) or student ``it``; returns (model, arch, info)."""
+                     teacher_model, targets: tuple | None = None) -> tuple[object, str, dict]:
+    """Train the teacher (it == 0) or student ``it``; returns (model, arch, info).
+
+    ``targets`` = (rows, targets, weights, summary) of the unlabeled store replaces the previous iteration's
+    pseudo-labels (the benchmark's oracle arm trains on the truth this way)."""
     from accelerate.utils import set_seed
 
     from dompre.train.engine import InputPrep
     from dompre.train.losses import WeightedFocalLoss, label_weights
-    from dompre.train.pseudo_label import PseudoLabels
-    from dompre.train.student import build_loaders, noise_transform, pseudo_rows
+    from dompre.train.student import build_loaders, noise_transform
     from dompre.train.teacher import create_model, train_stage
 
     r, L = recipe, len(data.label_names)
@@ -156,7 +159,7 @@ def _train_iteration(accelerator, recipe: PretrainRecipe, data: RunData, it: int
     wp, wn = label_weights(data.labels[data.train_rows], r.teacher.max_label_weight)
     loss_fn = WeightedFocalLoss(wp, wn, gamma=r.teacher.focal_gamma)
     common = dict(labeled_batch=r.teacher.batch_size, seed=r.seed, stage=it, num_workers=r.train.num_workers,
-                  world=accelerator.num_processes)
+                  world=accelerator.num_processes, augment_on=r.train.augment_on)
     info: dict = {"iteration": it}
     fail = r.debug.fail_after_steps if r.debug.fail_stage == f"iter{it}" else -1
     if it == 0:
@@ -171,13 +174,9 @@ def _train_iteration(accelerator, recipe: PretrainRecipe, data: RunData, it: int
                              pretrained=r.model.pretrained)
         if r.student.init == "teacher" and teacher_model is not None:
             model.load_state_dict(teacher_model.state_dict())
-        pseudo = PseudoLabels(stage.parent / f"iter{it - 1}" / "pseudo")
-        if pseudo.label_names != data.label_names:
-            raise ValueError(f"{pseudo.folder}: pseudo-labels over {len(pseudo.label_names)} labels do not match "
-                             f"the model's {L} labels; use a new output_dir")
-        prev_metrics = stage.parent / f"iter{it - 1}" / "metrics.json"
-        val_th = np.asarray(json.loads(prev_metrics.read_text())["thresholds"]) if prev_metrics.is_file() else None
-        rows, targets, weights, summary = pseudo_rows(pseudo, r.pseudo, data.exclusive, val_th)
+        if targets is None:
+            targets = _pseudo_targets(recipe, data, stage.parent / f"iter{it - 1}")
+        rows, targets, weights, summary = targets
         info["pseudo"] = {k: v for k, v in summary.items() if k != "per_label"}
         common["labeled_batch"] = r.student.labeled_batch
         loaders = build_loaders(data.labeled, data.train_rows, data.labels,
@@ -193,6 +192,20 @@ def _train_iteration(accelerator, recipe: PretrainRecipe, data: RunData, it: int
     return model, arch, info
 
 
+def _pseudo_targets(recipe: PretrainRecipe, data: RunData, prev: Path) -> tuple:
+    """(rows, targets, weights, summary) from the pseudo-labels the model of stage ``prev`` made."""
+    from dompre.train.pseudo_label import PseudoLabels
+    from dompre.train.student import pseudo_rows
+
+    pseudo = PseudoLabels(prev / "pseudo")
+    if pseudo.label_names != data.label_names:
+        raise ValueError(f"{pseudo.folder}: pseudo-labels over {len(pseudo.label_names)} labels do not match "
+                         f"the model's {len(data.label_names)} labels; use a new output_dir")
+    metrics = prev / "metrics.json"
+    val_th = np.asarray(json.loads(metrics.read_text())["thresholds"]) if metrics.is_file() else None
+    return pseudo_rows(pseudo, recipe.pseudo, data.exclusive, val_th)
+
+
 def _check_same_run(recipe: PretrainRecipe, out: Path) -> None:
     """A resumed output_dir must hold the same recipe (train/debug/iterations settings may differ)."""
     import yaml
@@ -201,34 +214,76 @@ def _check_same_run(recipe: PretrainRecipe, out: Path) -> None:
         return
     old = yaml.safe_load(saved.read_text()) or {}
     new = recipe_to_dict(recipe)
-    skip = {"train", "debug", "iterations", "output_dir", "eval"}
+    skip = {"train", "debug", "iterations", "output_dir", "eval", "pseudo_pretrain"}
     diff = [k for k in new if k not in skip and old.get(k) != new[k]]
     if diff:
         raise ValueError(f"{out} holds a run with other settings for {diff}; use a new output_dir or the "
                          f"recipe in {saved}")
 
 
-def run(recipe: PretrainRecipe) -> dict:
-    """Run (or resume) the whole Noisy Student loop; returns the per-iteration results and report paths."""
+def make_accelerator(recipe: PretrainRecipe, out: Path):
+    """The run's one Accelerator (CPU runs use gloo for a multi-process launch), with TensorBoard + CSV logs."""
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    from dompre.train.engine import CSVTracker, InputPrep, Position
+    from dompre.train.engine import CSVTracker
+
+    if recipe.train.torch_threads > 0:
+        torch.set_num_threads(recipe.train.torch_threads)
+    # accelerate only picks gloo (MULTI_CPU) for a multi-process launch when told the run is on CPU
+    on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    return Accelerator(cpu=on_cpu, mixed_precision=recipe.train.mixed_precision, rng_types=[],
+                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+                       log_with=["tensorboard", CSVTracker("dompre", out / "logs")])
+
+
+def train_arm(accelerator, recipe: PretrainRecipe, data: RunData, name: str, *, targets: tuple | None = None,
+              noise: bool = True):
+    """One extra student stage beside a finished run (``output_dir/arm-<name>/``), resumable like the others.
+
+    The student starts as iteration 1 does (same seed, init and schedule) from the run's teacher (``iter0``):
+    ``targets`` = (rows, targets, weights, summary) replaces the teacher's pseudo-labels (the benchmark's oracle
+    trains on the truth); ``noise=False`` trains without input noise, dropout and drop path (plain
+    self-training, the ablation). Returns the model in eval mode.
+    """
+    from dompre.export import run_preparation
+    from dompre.train.engine import Position
+
+    out = Path(recipe.output_dir)
+    stage = out / f"arm-{name}"
+    stage.mkdir(parents=True, exist_ok=True)
+    if (_checkpoint_dir(stage) / "checkpoint.json").is_file():
+        return _load_checkpoint(stage, data.label_names)
+    if not noise:
+        quiet = dataclasses.replace(recipe.student, rotate_degrees=0.0, grayscale_p=0.0, autocontrast_p=0.0,
+                                    crop_scale=(1.0, 1.0))
+        recipe = dataclasses.replace(recipe, student=quiet,
+                                     model=dataclasses.replace(recipe.model, drop_rate=0.0, drop_path_rate=0.0))
+    if targets is None:
+        targets = _pseudo_targets(recipe, data, out / "iter0")
+    teacher = _load_checkpoint(out / "iter0", data.label_names)
+    model, arch, info = _train_iteration(accelerator, recipe, data, 1, stage, Position(), teacher, targets)
+    info.update(arch=arch, role=f"arm {name}", noise=noise, input_size=[3, recipe.model.img_size, recipe.model.img_size],
+                **run_preparation(recipe.data.labeled_store, recipe.data.unlabeled_store))
+    _save_checkpoint(accelerator, model, stage, arch, data.label_names, info)
+    return model.eval()
+
+
+def run(recipe: PretrainRecipe, accelerator=None) -> dict:
+    """Run (or resume) the whole Noisy Student loop; returns the per-iteration results and report paths.
+
+    ``accelerator``: reuse one (the benchmark trains its arms with it); by default the run makes its own."""
+    from dompre.export import read_checkpoint_meta, record_metrics, run_preparation
+    from dompre.train.engine import InputPrep, Position
     from dompre.train.evaluate import evaluate_model, write_json, write_report_tables
     from dompre.train.pseudo_label import label_store
 
     check_recipe(recipe)
-    if recipe.train.torch_threads > 0:
-        import torch
-        torch.set_num_threads(recipe.train.torch_threads)
     out = Path(recipe.output_dir)
     data = load_run_data(recipe)
-    import torch
-    # accelerate only picks gloo (MULTI_CPU) for a multi-process launch when told the run is on CPU
-    on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
-    accelerator = Accelerator(cpu=on_cpu, mixed_precision=recipe.train.mixed_precision, rng_types=[],
-                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-                              log_with=["tensorboard", CSVTracker("dompre", out / "logs")])
+    own = accelerator is None
+    accelerator = make_accelerator(recipe, out) if own else accelerator
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         _check_same_run(recipe, out)
@@ -249,7 +304,8 @@ def run(recipe: PretrainRecipe) -> dict:
             model, arch, info = _train_iteration(accelerator, recipe, data, it, stage, position, model)
             info.update(arch=arch, role="teacher" if it == 0 else "student",
                         input_size=[3, recipe.model.img_size, recipe.model.img_size],
-                        data=f"labeled {recipe.data.labeled_store}; unlabeled {recipe.data.unlabeled_store}")
+                        data=f"labeled {recipe.data.labeled_store}; unlabeled {recipe.data.unlabeled_store}",
+                        **run_preparation(recipe.data.labeled_store, recipe.data.unlabeled_store))
             if accelerator.is_main_process:
                 write_json(info_path, info)
             _save_checkpoint(accelerator, model, stage, arch, data.label_names, info)
@@ -265,6 +321,8 @@ def run(recipe: PretrainRecipe) -> dict:
             if accelerator.is_main_process:
                 write_json(metrics_path, metrics)
             accelerator.wait_for_everyone()
+        if accelerator.is_main_process and "metrics" not in read_checkpoint_meta(_checkpoint_dir(stage))["info"]:
+            record_metrics(_checkpoint_dir(stage), metrics)  # the model card shows them
         accelerator.log({f"eval/{s}_{m}": v for s in ("test", "hand", "val") for m, v in metrics.get(s, {}).items()
                          if m in ("auc", "f1", "precision", "recall") and v is not None}, step=it)
         results.append({"iteration": it, "model": info.get("arch", ""), "metrics": metrics,
@@ -275,13 +333,18 @@ def run(recipe: PretrainRecipe) -> dict:
                         prepare_input=prep, top_k=recipe.pseudo.top_k, batch_size=recipe.pseudo.batch_size,
                         chunk_size=recipe.pseudo.chunk_size, num_workers=recipe.train.num_workers,
                         fail_after_chunks=fail, progress=recipe.train.progress)
+    extra = {}
+    if recipe.pseudo_pretrain.enabled:  # Virk & Bathula Table 3: a model trained on the final pseudo-labels only
+        from dompre.pseudo_pretrain import run_pseudo_pretrain
+        extra["pseudo_pretrain"] = run_pseudo_pretrain(accelerator, recipe, data, out, model, position)
     paths = {}
     if accelerator.is_main_process:
         paths = write_report_tables(out, results)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    if own:
+        accelerator.end_training()
     return {"results": results, "output_dir": str(out), "report": {k: str(v) for k, v in paths.items()},
-            "label_names": data.label_names}
+            "label_names": data.label_names, **extra}
 
 
 def run_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> dict:

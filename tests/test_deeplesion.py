@@ -293,7 +293,7 @@ def test_ingest_deeplesion_full_term_list_and_bad_config(layout, tmp_path):
     with pytest.raises(ValueError, match="needs --ontology"):
         ingest_deeplesion(root, tmp_path / "t", labels=labels_path, classes="bodypart", progress=False)
     small = tmp_path / "small.csv"
-    small.write_text("".join(l for l in onto_path.read_text().splitlines(True) if ",mass," not in l))
+    small.write_text("".join(line for line in onto_path.read_text().splitlines(True) if ",mass," not in line))
     with pytest.raises(ValueError, match=r"\['mass'\].*not in the ontology"):
         ingest_deeplesion(root, tmp_path / "t", labels=labels_path, ontology=small, progress=False)
     with pytest.raises(FileNotFoundError, match="Images_png"):

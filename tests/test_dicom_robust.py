@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 
 from dompre.data import dicom_header as dh
 from dompre.data.dicom import SeriesError, read_series, scan_file, scan_tree

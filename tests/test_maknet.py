@@ -1,4 +1,6 @@
 """MAKNet: size, MAKConv groups, SPL, the timm model contract (heads, features, checkpointing)."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -129,3 +131,72 @@ def test_features_only_gives_five_scales():
     assert [t.shape[1] for t in inter] == [full.feature_info[1]["num_chs"], full.num_features]
     torch.testing.assert_close(last, inter[-1])
 
+
+
+def test_fastcatavgmax_head_gives_the_catavgmax_outputs_and_scripts():
+    torch.manual_seed(0)
+    model = timm.create_model("maknet_tiny", num_classes=4).eval()
+    assert model.head.global_pool.pool_type == "fastcatavgmax"
+    slow = timm.create_model("maknet_tiny", num_classes=4, global_pool="catavgmax").eval()
+    slow.load_state_dict(model.state_dict())  # pooling has no weights: the same checkpoints load into both
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = model(x)
+        torch.testing.assert_close(y, slow(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(torch.jit.script(model)(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_builds_on_the_meta_device_and_reset_classifier_keeps_device_and_dtype():
+    model = timm.create_model("maknet_tiny", device="meta", num_classes=3)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    model = timm.create_model("maknet_tiny", num_classes=3, drop_path_rate=0.1).to(torch.float64)
+    model.reset_classifier(0)
+    model.reset_classifier(6)
+    for p in (*model.get_classifier().parameters(), *model.spl.parameters()):
+        assert p.dtype == torch.float64
+    assert model.eval()(torch.randn(1, 3, 32, 32, dtype=torch.float64)).shape == (1, 6)
+
+
+def test_fine_parameter_groups_are_numeric_and_layer_decay_works():
+    from timm.models import group_parameters
+    from timm.optim import create_optimizer_v2
+
+    model = timm.create_model("maknet_tiny", num_classes=3)
+    groups = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    assert all(isinstance(g, int) for g in groups.values()) and len(set(groups.values())) > 8
+    names = [n for n, _ in model.named_parameters()]
+    order = [groups[n] for n in names]
+    assert order == sorted(order)  # stem < stage 0 gate < its dense layers < its transition < stage 1 ...
+    opt = create_optimizer_v2(model, opt="adamw", lr=1e-3, layer_decay=0.7)
+    scales = sorted({g["lr_scale"] for g in opt.param_groups})
+    assert len(scales) > 8 and scales[-1] == pytest.approx(1.0)
+
+
+def test_grad_checkpointed_intermediates_and_pruning():
+    torch.manual_seed(0)
+    model = timm.create_model("maknet_tiny", num_classes=3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        taps = model.forward_intermediates(x, intermediates_only=True)
+    model.set_grad_checkpointing(True)
+    trained = copy.deepcopy(model).train()
+    last, inter = trained.forward_intermediates(x)
+    last.sum().backward()
+    assert trained.stem.conv.weight.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_intermediates(x, intermediates_only=True)[2], taps[2])
+    model.prune_intermediate_layers([2])
+    assert len(model.stages) == 2 and model.num_classes == 0 and model.num_features == model.feature_info[2]["num_chs"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), taps[2])
+        assert model(x).shape == taps[2].shape  # head removed, pooling too
+
+
+def test_the_import_time_timm_check_is_the_declared_floor():
+    import re
+    from pathlib import Path
+
+    from dompre.models.maknet import TIMM_FLOOR
+
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert re.findall(r'"timm>=([0-9.]+)"', text) == [".".join(map(str, TIMM_FLOOR))]

@@ -102,6 +102,17 @@ def test_resume_after_failure_gives_same_metrics(stores, reference, tmp_path, de
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)  # bit-identical student
 
 
+def test_augment_on_device_trains_and_resumes_exactly(stores, tmp_path):
+    dev = {"train.augment_on": "device"}
+    ref = tmp_path / "ref"
+    _run(stores, ref, **dev)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _run(stores, out, **dev, **{"debug.fail_stage": "iter1", "debug.fail_after_steps": 2})
+    _run(stores, out, **dev)  # noise parameters come from the stream position, so resume is exact here too
+    assert _final(out) == _final(ref) and 0.0 <= _final(ref)["test"]["auc"] <= 1.0
+
+
 def test_sigkill_mid_student_then_same_command_continues(stores, reference, tmp_path):
     """A real kill -9 of `python dompre/noisy_student.py` once the student has saved a state, then a rerun."""
     import signal
@@ -182,3 +193,12 @@ def test_multiprocess_pseudo_labels_match_one_process(stores, reference, tmp_pat
     assert all(p.returncode == 0 for p in procs), "\n".join(x[-3000:] for x in logs)
     _same_pseudo(reference[0], out)
     assert (out / "iter1" / "metrics.json").is_file() and (out / "metrics.md").is_file()
+
+
+def test_checkpoints_record_the_measured_metrics_for_the_model_card(reference):
+    out, _ = reference
+    for it in (0, 1):
+        info = json.loads((out / f"iter{it}" / "checkpoint" / "checkpoint.json").read_text())["info"]
+        metrics = json.loads((out / f"iter{it}" / "metrics.json").read_text())
+        assert info["metrics"]["test"] == metrics["test"] and "thresholds" not in info["metrics"]
+        assert info["preparation"] is None  # these stores were written by StoreWriter, not by `dompre ingest`

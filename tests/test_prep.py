@@ -119,7 +119,7 @@ def test_prepare_from_stored_values_equals_prepare_from_hu():
     inter = np.where(np.arange(12) < 6, -1024.0, -1000.0).astype(np.float32)
     stored = np.rint((hu + rng.normal(0, 20, hu.shape) - inter[:, None, None]) / slope[:, None, None]).astype(np.int16)
     buf = np.zeros(10**6, np.uint8)
-    alloc = lambda shape, dtype: buf[:int(np.prod(shape))].view(dtype).reshape(shape)  # noqa: E731
+    alloc = lambda shape, dtype: buf[:int(np.prod(shape)) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)  # noqa: E731
     cfg = PrepConfig(size=16, crop_margin=1)
     for rescale_slope in (slope, np.full(12, 0.5, np.float32)):  # varying, then shared: two projection paths
         exact = stored * rescale_slope[:, None, None] + inter[:, None, None]
@@ -127,3 +127,30 @@ def test_prepare_from_stored_values_equals_prepare_from_hu():
         got, zi2 = prepare_volume(stored, (2.0, 1, 1), cfg, rescale=(rescale_slope, inter), alloc=alloc)
         np.testing.assert_array_equal(got, ref)
         np.testing.assert_array_equal(zi, zi2)
+
+
+def test_one_volume_as_dicom_and_as_deeplesion_gives_identical_inputs(tmp_path):
+    """ONE preparation: a phantom volume written as a DICOM series and as DeepLesion PNGs gives the same input
+    at the same z (every lesion key slice of the DeepLesion copy against the DICOM stack centred on it)."""
+    from dompre.data.deeplesion import LesionInputConfig, build_lesion_input, read_dl_info
+    from dompre.data.dicom import read_series
+    from dompre.data.phantom import make_phantom, sample_patient
+    from dompre.data.synthetic import generate_cohort, write_dicom_series
+
+    kw = dict(matrix=48, max_slices=40)
+    generate_cohort(tmp_path / "dl", patients=1, seed=2, layout="deeplesion", lesions_per_patient=(4, 4),
+                    progress=False, **kw)
+    ph = make_phantom(sample_patient(np.random.default_rng([2, 0]), **kw), lesions_per_patient=(4, 4))
+    write_dicom_series(tmp_path / "series", ph.hu, spacing=ph.spacing, patient_id="P", study_uid="1.2.3",
+                       series_uid="1.2.3.4", origin=ph.origin)
+    cfg = PrepConfig(size=32, stride=1)              # every slice is the middle of one DICOM input
+    vol = read_series(tmp_path / "series")
+    stacks, centre = prepare_volume(vol.stored, vol.spacing, cfg, rescale=(vol.slope, vol.intercept))
+    info = read_dl_info(tmp_path / "dl" / "deeplesion" / "DL_info.csv")
+    assert len(info) >= 2
+    for idx in range(len(info)):
+        item = build_lesion_input(tmp_path / "dl" / "deeplesion", info, idx, cfg=LesionInputConfig(prep=cfg))
+        k = int(info["Key_slice_index"].iat[idx]) - 1  # 1-based file number -> volume index
+        j = int(np.flatnonzero(centre == k)[0])
+        np.testing.assert_array_equal(item.image, stacks[j])
+        assert item.image.std() > 0                  # a real image, not two identical blanks

@@ -46,9 +46,19 @@ def test_dense_targets_hard_and_soft():
 
 
 def test_balance_weights_favour_rare_labels():
-    w = balance_weights([np.array([0]), np.array([0]), np.array([0]), np.array([1]), np.array([], int)], 2)
-    # counts: label0 = 3, label1 = 1, median 2 -> 2/3 and 2; empty input 1
-    np.testing.assert_allclose(w, [2 / 3, 2 / 3, 2 / 3, 2.0, 1.0])
+    idx = np.array([[0, 1], [0, 1], [0, 1], [1, 0], [0, 1], [0, 1]], np.int16)
+    kept = np.array([[1, 0], [1, 0], [1, 0], [1, 0], [0, 0], [1, 1]], bool)
+    w = balance_weights(idx, kept, 3)
+    # counts: label0 = 4, label1 = 2, label2 = 0; median of the seen ones 3 -> 3/4 and 3/2; empty input 1;
+    # the last input keeps both: mean(3/4, 3/2)
+    np.testing.assert_allclose(w, [0.75, 0.75, 0.75, 1.5, 1.0, 1.125])
+    rng = np.random.default_rng(0)  # same weights as the per-input definition on a random case
+    idx = np.stack([rng.permutation(20)[:5] for _ in range(300)]).astype(np.int16)
+    kept = rng.random((300, 5)) < 0.3
+    counts = np.bincount(idx[kept].astype(np.int64), minlength=20)
+    ref = np.median(counts[counts > 0])
+    loop = [np.mean(ref / counts[i[k]]) if k.any() else 1.0 for i, k in zip(idx.astype(np.int64), kept)]
+    np.testing.assert_allclose(balance_weights(idx, kept, 20), np.clip(loop, 0.1, 10))
 
 
 def test_chunks_are_global_and_split_contiguously():

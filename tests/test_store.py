@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -53,9 +58,10 @@ def test_random_access_meta_and_dataset(tmp_path):
     assert sample["label"].shape == (0,)
     batch = next(iter(torch.utils.data.DataLoader(st.dataset(), batch_size=4)))
     assert batch["image"].shape == (4, 3, S, S) and batch["image"].dtype == torch.uint8
-    shard = st._shard(0)
-    assert isinstance(shard, np.memmap)           # images are memory-mapped, not loaded
-    assert pickle.loads(pickle.dumps(st))._maps == {}
+    assert st.units["a"] == {"status": "ok", "n": 3} and st.labels is None
+    clone = pickle.loads(pickle.dumps(st))
+    assert clone._fds == {} and clone._cache == {}   # workers get offsets only: no files, columns or units
+    assert clone[5][0, 0, 0] == 5
 
 
 def test_labels_nan_unknown(tmp_path):
@@ -134,17 +140,184 @@ def test_resume_with_other_settings_refused(tmp_path):
         StoreWriter(tmp_path, image_size=S, info={"prep": {"size": 16}})
     with pytest.raises(FileNotFoundError, match="not a SliceStore"):
         SliceStore(tmp_path / "nothing")
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["units"]["a"]["n"] == 1
+    assert SliceStore(tmp_path).units["a"]["n"] == 1
 
 
-def test_reader_keeps_a_bounded_number_of_shards_mapped(tmp_path):
-    from dompre.data.store import MAX_OPEN_SHARDS
-    n_units = MAX_OPEN_SHARDS * 3
+def test_reader_keeps_a_bounded_number_of_files_open_and_maps_nothing(tmp_path):
+    n_units = 12
     write(tmp_path / "s", {f"u{i}": 2 for i in range(n_units)}, shard_size=2)  # one shard per unit
     store = SliceStore(tmp_path / "s")
+    store._max_open = 3
     assert [int(store[i][0, 0, 0]) for i in range(len(store))] == list(range(2 * n_units))
-    assert len(store._maps) == MAX_OPEN_SHARDS  # a full pass leaves only the most recent shards mapped
-    np.testing.assert_array_equal(store.images([0, 2 * n_units - 1, 1])[:, 0, 0, 0], [0, 2 * n_units - 1, 1])
-    assert 0 in store._maps and len(store._maps) == MAX_OPEN_SHARDS
-    assert len(pickle.loads(pickle.dumps(store.dataset()))[3]["image"]) == 3  # workers reopen maps after pickling
+    assert len(store._fds) == 3 and sorted(store._fds) == [9, 10, 11]  # the most recent shards stay open
+    np.testing.assert_array_equal(store.images([0, 2 * n_units - 1, 1, 0])[:, 0, 0, 0], [0, 2 * n_units - 1, 1, 0])
+    maps = open("/proc/self/maps").read()
+    assert "shard-000000.npy" not in maps and len(store._fds) == 3  # positioned reads, no memory maps
+    assert len(pickle.loads(pickle.dumps(store.dataset()))[3]["image"]) == 3  # workers reopen files after pickling
+    store.close()
+    assert store._fds == {} and store[4][0, 0, 0] == 4
+
+
+def test_damaged_shard_is_named(tmp_path):
+    write(tmp_path, {"a": 2, "b": 2}, shard_size=2)
+    f = tmp_path / "shards" / "shard-000001.npy"
+    f.write_bytes(f.read_bytes()[:-5])
+    st = SliceStore(tmp_path)
+    assert st[0][0, 0, 0] == 0
+    with pytest.raises(ValueError, match="shard-000001.npy.*damaged"):
+        st[2]
+
+
+def test_commit_appends_one_log_line_and_close_compacts(tmp_path):
+    w = StoreWriter(tmp_path, image_size=S, shard_size=2)
+    for k in range(6):
+        w.add(item(k), meta={"series_uid": f"u{k}"})
+        w.commit_unit(f"u{k}", info={"status": "ok"})
+        if k == 1:
+            manifest = (tmp_path / "manifest.json").read_bytes()
+    w.commit_unit("skipped", info={"status": "skipped"})
+    w.flush()
+    log = (tmp_path / "log-0.jsonl").read_bytes().splitlines()
+    assert len(log) == 4 and (tmp_path / "manifest.json").read_bytes() == manifest  # commits never rewrite it
+    assert b"u4" in log[2] and b"u0" not in log[2] and b'"shard": null' in log[3]  # each line: its own units
+    mid = SliceStore(tmp_path)  # a reader while the writer runs sees every committed unit
+    assert len(mid) == 6 and sorted(mid.units) == ["skipped"] + [f"u{k}" for k in range(6)]
+    w.close()
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert m["generation"] == 1 and len(m["shards"]) == 3 and "units" not in m
+    assert not (tmp_path / "log-0.jsonl").exists() and (tmp_path / "units-1.jsonl").is_file()
+    write(tmp_path, {"u9": 1}, start=6, shard_size=2)
+    st = SliceStore(tmp_path)
+    assert len(st) == 7 and st.units["u9"]["n"] == 1 and st.units["skipped"]["status"] == "skipped"
+    assert not (tmp_path / "units-1.jsonl").exists()
+
+
+def test_torn_log_line_is_not_a_commit_and_is_cut_by_the_next_writer(tmp_path):
+    w = StoreWriter(tmp_path, image_size=S, shard_size=1)
+    for k in range(2):
+        w.add(item(k))
+        w.commit_unit(f"u{k}")
+    log = tmp_path / "log-0.jsonl"
+    whole = log.read_bytes()
+    with open(log, "ab") as f:  # a commit killed half-way through its line (its shard file is there)
+        f.write(whole.splitlines()[1][:25])
+    st = SliceStore(tmp_path)
+    assert len(st) == 2 and sorted(st.units) == ["u0", "u1"]
+    w.abort()
+    write(tmp_path, {"u0": 1, "u1": 1, "u2": 1}, start=2, shard_size=1)
+    st = SliceStore(tmp_path)
+    assert len(st) == 3 and [int(st[i][0, 0, 0]) for i in range(3)] == [0, 1, 2]
+
+
+KILL_CHILD = """
+import sys, time
+import numpy as np
+from dompre.data.store import StoreWriter
+with StoreWriter(sys.argv[1], image_size=8, shard_size=3) as w:
+    for k in range(1000):
+        if w.is_done(f"u{k}"):
+            continue
+        for j in range(2):
+            w.add(np.full((3, 8, 8), k % 250, np.uint8), meta={"series_uid": f"u{k}", "z": float(j)})
+            time.sleep(0.002)
+        w.commit_unit(f"u{k}", info={"k": k})
+"""
+
+
+def test_kill_9_writer_then_resume_is_exactly_once(tmp_path):
+    st = tmp_path / "st"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(st)], env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and child.poll() is None:
+        log = st / "log-0.jsonl"
+        if log.is_file() and log.read_bytes().count(b"\n") >= 4:
+            break
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL
+    partial = SliceStore(st)
+    done = len(partial.units)
+    assert 4 <= done < 1000 and len(partial) == 2 * done
+    np.testing.assert_array_equal(partial.columns(["series_uid"])["series_uid"].to_numpy(),
+                                  np.repeat([f"u{k}" for k in range(done)], 2))
+    with StoreWriter(st, image_size=S, shard_size=3) as w:
+        assert w.is_done("u0") and not w.is_done(f"u{done}")
+        for k in range(done, done + 5):
+            for j in range(2):
+                w.add(item(k % 250), meta={"series_uid": f"u{k}", "z": float(j)})
+            w.commit_unit(f"u{k}")
+    final = SliceStore(st)
+    uids = final.columns(["series_uid"])["series_uid"].tolist()
+    assert uids == list(np.repeat([f"u{k}" for k in range(done + 5)], 2))  # every unit once, in order
+    np.testing.assert_array_equal(final.images(range(len(final)))[::2, 0, 0, 0], np.arange(done + 5) % 250)
+
+
+def _write_v1_store(path, n_units: int) -> None:
+    """A store exactly as dompre wrote it before version 2: units in manifest.json, metadata as JSON lines."""
+    from dompre.data.store import _npy_header
+    shards = path / "shards"
+    shards.mkdir(parents=True)
+    entries = []
+    for k in range(n_units):
+        name = f"shard-{k:06d}"
+        with open(shards / f"{name}.npy", "wb") as f:
+            f.write(_npy_header((2, 3, S, S)) + np.stack([item(2 * k), item(2 * k + 1)]).tobytes())
+        rows = [{"source": "", "series_uid": f"u{k}", "patient": "", "z": float("nan"), "spacing": [],
+                 "window": [], "split": "train", "lesion_idx": -1, "bbox": [1, 2, 3, 4]}] * 2
+        (shards / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        np.save(shards / f"{name}.labels.npy", np.array([[1, np.nan]] * 2, np.float32))
+        entries.append({"name": name, "n": 2})
+    units = {f"u{k}": {"status": "ok", "n": 2} for k in range(n_units)}
+    (path / "manifest.json").write_text(json.dumps({"version": 1, "image_size": S, "label_names": ["a", "b"],
+                                                    "info": {}, "shards": entries, "units": units}))
+
+
+def test_version_1_store_opens_and_resumes(tmp_path):
+    _write_v1_store(tmp_path, 2)
+    st = SliceStore(tmp_path)
+    assert len(st) == 4 and st[3][0, 0, 0] == 3 and sorted(st.units) == ["u0", "u1"]
+    assert st.meta["bbox"].iloc[0] == (1, 2, 3, 4) and st.item_meta(2)["series_uid"] == "u1"
+    np.testing.assert_array_equal(st.labels[:, 0], [1, 1, 1, 1])
+    with StoreWriter(tmp_path, image_size=S, label_names=["a", "b"]) as w:
+        assert w.is_done("u1")
+        w.add(item(4), meta={"series_uid": "u2", "bbox": (5, 6, 7, 8)}, labels=[0, 1])
+        w.commit_unit("u2")
+    st = SliceStore(tmp_path)
+    assert json.loads((tmp_path / "manifest.json").read_text())["version"] == 2
+    assert len(st) == 5 and sorted(st.units) == ["u0", "u1", "u2"]
+    assert st.columns(["series_uid"])["series_uid"].tolist() == ["u0", "u0", "u1", "u1", "u2"]
+    assert st.meta["bbox"].tolist() == [(1, 2, 3, 4)] * 4 + [(5, 6, 7, 8)] and st.labels[4, 1] == 1
+
+
+def test_shard_name_outside_the_store_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    _write_v1_store(outside, 1)  # a real shard a manifest could point at
+    store = tmp_path / "a" / "b"
+    write(store, {"u": 1})
+    m = json.loads((store / "manifest.json").read_text())
+    for bad in ["../../outside/shards/shard-000000", "/etc/passwd", "..", "x/../../y"]:
+        m["shards"] = [{"name": bad, "n": 2}]
+        (store / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(ValueError, match="is not a file of"):
+            SliceStore(store)
+        with pytest.raises(ValueError, match="is not a file of"):
+            StoreWriter(store, image_size=S)
+
+
+def test_metadata_columns_on_demand_and_one_item(tmp_path):
+    with StoreWriter(tmp_path, image_size=S, shard_size=2) as w:
+        for k in range(5):
+            w.add(item(k), meta={"series_uid": f"s{k}", "z": k / 2, "bbox": (k, 1, 2, 3),
+                                 "extra": k if k % 2 else f"t{k}", "d": {"a": k} if k else {"b": 1}},
+                  labels=None)  # mixed types and dicts: kept as JSON
+            w.commit_unit(f"u{k}")
+    st = SliceStore(tmp_path)
+    z = st.columns(["z"])
+    assert list(z.columns) == ["z"] and z["z"].tolist() == [0, 0.5, 1, 1.5, 2]
+    assert set(st._cache) == {"col:z"}  # nothing else was read
+    assert st.item_meta(3) == {**dict(st.meta.iloc[3]), "bbox": (3, 1, 2, 3)}
+    assert st.item_meta(3)["extra"] == 3 and st.item_meta(4)["extra"] == "t4"
+    assert st.meta["extra"].tolist() == ["t0", 1, "t2", 3, "t4"] and "extra" in st.column_names()
+    assert st.item_meta(0)["d"] == {"b": 1} and st.item_meta(2)["d"] == {"a": 2}
+    assert st.columns(["not_a_column"])["not_a_column"].isna().all()

@@ -4,12 +4,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms import v2
 
 from dompre.data.store import SliceStore, StoreWriter
 from dompre.train.config import PseudoConfig, StudentConfig
 from dompre.train.engine import StreamSampler
 from dompre.train.pseudo_label import PseudoLabels, write_chunk
-from dompre.train.student import NoisyStudentTask, build_loaders, mix_batches, noise_transform, pseudo_rows
+from dompre.train.student import (DeviceNoise, NoisyStudentTask, build_loaders, mix_batches, noise_params,
+                                  noise_transform, pseudo_rows)
 
 NAMES = ["chest", "lung", "liver"]
 
@@ -85,6 +87,7 @@ def test_noise_is_seeded_per_item(stores):
     a, b, c = ds[(3, 7)]["image"], ds[(3, 7)]["image"], ds[(3, 8)]["image"]
     assert a.shape == (3, 12, 12) and a.dtype == torch.uint8
     assert torch.equal(a, b)
+    assert not torch.equal(a, c)  # another stream position, other noise
 
 
 def test_task_loss_is_labeled_plus_weighted_pseudo():
@@ -97,3 +100,91 @@ def test_task_loss_is_labeled_plus_weighted_pseudo():
     assert out["loss"].item() == pytest.approx(out["labeled_loss"].item() + 0.5 * out["pseudo_loss"].item())
     with pytest.raises(ValueError, match="label set"):
         mix_batches(lab, {"image": pse["image"], "target": torch.ones(5, 4)})
+
+
+def _ramps(h: int) -> torch.Tensor:
+    """Three distinct smooth channels in [40, 200], so crops, angles, grayscale and auto-contrast all show."""
+    yy, xx = np.mgrid[0:h, 0:h]
+    img = np.stack([40 + 160 * xx / h, 40 + 160 * yy / h, 40 + 160 * np.hypot(xx - 8, yy - 20) / (1.5 * h)])
+    return torch.from_numpy(img.clip(0, 255).astype(np.uint8))
+
+
+def test_device_noise_gives_each_item_the_cpu_paths_noise():
+    cfg, h, size = StudentConfig(), 32, 24
+    cpu_noise, device_noise, img = noise_transform(cfg, size), DeviceNoise(size), _ramps(32)
+    seeds = range(120)
+    cpu = []
+    for seed in seeds:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # as SeededImages seeds the CPU path
+            cpu.append(cpu_noise(img).float())
+    cpu = torch.stack(cpu)
+    params = torch.from_numpy(np.stack([noise_params(cpu_noise, h, s) for s in seeds]))
+    dev = device_noise(img.expand(len(seeds), -1, -1, -1), params)
+    assert dev.shape == cpu.shape and dev.dtype == torch.float32
+    cpu_gray = (cpu[:, 0] == cpu[:, 1]).all(-1).all(-1) & (cpu[:, 1] == cpu[:, 2]).all(-1).all(-1)
+    np.testing.assert_array_equal(cpu_gray.numpy(), params[:, 5].numpy() == 1)  # same coin, item by item
+    err = (dev - cpu).abs().mean((1, 2, 3))
+    other = (dev - cpu.roll(1, 0)).abs().mean((1, 2, 3))  # each item against its neighbour's CPU noise
+    assert err.max() < 6 and other.median() > 15  # same crop, angle and auto-contrast: only interpolation differs
+    # the per-sample parameter distributions are the configured ones
+    from scipy import stats
+    many = np.stack([noise_params(cpu_noise, h, s) for s in range(2000)])
+    assert stats.kstest(many[:, 4], stats.uniform(-cfg.rotate_degrees, 2 * cfg.rotate_degrees).cdf).pvalue > 1e-3
+    for col, p in ((5, cfg.grayscale_p), (6, cfg.autocontrast_p)):
+        assert abs(many[:, col].mean() - p) < 4 * np.sqrt(p * (1 - p) / len(many))
+    area = many[:, 2] * many[:, 3] / h ** 2
+    assert area.min() > cfg.crop_scale[0] - 0.05 and area.max() <= 1 and area.std() > 0.05
+
+
+def test_device_loaders_read_uint8_and_carry_noise_parameters(stores):
+    labeled, unlabeled, pl = stores
+    rows, targets, _, _ = pseudo_rows(pl, PseudoConfig(), None)
+    noise = noise_transform(StudentConfig(), 12)
+    data = build_loaders(labeled, np.arange(10), labeled.labels, labeled_batch=4, seed=0, stage=1, num_workers=0,
+                         transform=noise, unlabeled_store=unlabeled, pseudo_rows_=rows, pseudo_targets=targets,
+                         pseudo_batch=3, augment_on="device")
+    lab, pse = next(iter(zip(*data.loaders)))
+    assert lab["image"].dtype == torch.uint8 and lab["image"].shape == (4, 3, 16, 16)  # as stored, not noised
+    assert (lab["image"][:, 1] == 10).all() and (pse["image"][:, 1] == 200).all()
+    seeds = [seed for _, seed in data.samplers[0]][:4]
+    np.testing.assert_array_equal(lab["noise"].numpy(), [noise_params(noise, 16, s) for s in seeds])
+    assert isinstance(data.noise, DeviceNoise) and data.noise.img_size == 12
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 12 * 12, 3))
+    seen = []
+    task = NoisyStudentTask(model, lambda logits, t: logits.mean(), prep=lambda x: seen.append(x) or x / 255,
+                            noise=data.noise)
+    assert torch.isfinite(task(lab, pse)["loss"])
+    assert seen[0].shape == (7, 3, 12, 12)
+    cpu = build_loaders(labeled, np.arange(10), labeled.labels, labeled_batch=4, seed=0, stage=1, num_workers=0,
+                        transform=noise)
+    assert cpu.noise is None and next(iter(cpu.loaders[0]))["image"].shape == (4, 3, 12, 12)  # default unchanged
+    with pytest.raises(ValueError, match="augment_on=cpu"):
+        build_loaders(labeled, np.arange(10), labeled.labels, labeled_batch=4, seed=0, stage=1, num_workers=0,
+                      transform=v2.Compose([v2.RandomHorizontalFlip()]), augment_on="device")
+
+
+def test_loaders_with_workers_freeze_the_parent_heap_before_forking(stores):
+    import gc
+    labeled, _, _ = stores
+    gc.unfreeze()
+    build_loaders(labeled, np.arange(10), labeled.labels, labeled_batch=4, seed=0, stage=1, num_workers=0)
+    assert gc.get_freeze_count() == 0  # no workers, nothing forked: nothing frozen
+    build_loaders(labeled, np.arange(10), labeled.labels, labeled_batch=4, seed=0, stage=1, num_workers=1)
+    assert gc.get_freeze_count() > 0  # the objects that exist now are never scanned by a worker's collection
+    gc.unfreeze()
+
+def test_unkept_top_k_labels_negative_soft_or_ignored(stores):
+    """Row 1 keeps nothing above 0.5 ('liver' 0.3): its top-k labels are 0, the teacher's probabilities or
+    unknown (NaN, left out of the loss) by pseudo.unkept; a kept label is 1 in every mode."""
+    pl = stores[2]
+    got = {mode: pseudo_rows(pl, PseudoConfig(unkept=mode, drop_empty=False), None)[1] for mode in
+           ("negative", "soft", "ignore")}
+    for mode, t in got.items():
+        assert t[0][2] == 1.0, mode                                  # kept 'liver' of an even row
+    np.testing.assert_array_equal(got["negative"][1], [0, 0, 0])
+    np.testing.assert_allclose(got["soft"][1], [0.2, 0.1, 0.3], atol=1e-3)
+    np.testing.assert_allclose(got["soft"][0], [0.2, 0.1, 1.0], atol=1e-3)
+    assert np.isnan(got["ignore"][1]).all() and np.isnan(got["ignore"][0][:2]).all()
+    with pytest.raises(ValueError, match="unkept"):
+        pseudo_rows(pl, PseudoConfig(unkept="maybe"), None)

@@ -142,7 +142,6 @@ from dompre.data.phantom import (  # noqa: E402
     sample_patient,
 )
 from dompre.data.synthetic import DL_COLUMNS, generate_cohort  # noqa: E402
-from dompre.data.synthetic_terms import TERMS  # noqa: E402
 
 REAL_LABELS = Path(__file__).resolve().parents[2] / "shared/data/lesanet/text_mined_labels_171_and_split.json"
 REGIONS = {"neck", "chest", "abdomen", "pelvis", "thigh"}

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from dompre.data.prep import PrepConfig, crop_box, resize_stacks, to_uint8, window_hu
+from dompre.data.prep import PrepConfig, prepare_stack
 
 DL_COLUMNS = (
     "File_name", "Patient_index", "Study_index", "Series_ID", "Key_slice_index", "Measurement_coordinates",
@@ -532,11 +532,10 @@ def build_lesion_input(root: str | Path, info: pd.DataFrame, lesion_idx: int, *,
     dz = float(spacing[2])
     hu = load_lesion_slices(folder, int(row["Key_slice_index"]), dz, cfg.neighbours, cfg.interval_mm)
     p = cfg.prep
-    crop = crop_box(hu, p.body_threshold, p.crop_margin) if p.crop else (0, hu.shape[1], 0, hu.shape[2])
+    own = tuple(row["DICOM_windows"][:2]) if len(row["DICOM_windows"]) >= 2 else None
+    image, crop = prepare_stack(hu, p, window=own)  # the same preparation as every DICOM input
     y0, y1, x0, x1 = crop
-    win = tuple(row["DICOM_windows"][:2]) if (p.window_source == "series" and len(row["DICOM_windows"]) >= 2) \
-        else p.window
-    image = resize_stacks(to_uint8(window_hu(hu[:, y0:y1, x0:x1], win))[None], p.size, p.keep_aspect)[0]
+    win = own if (p.window_source == "series" and own is not None) else p.window
     box = np.asarray(row["Bounding_boxes"][:4], np.float64)
     bbox = _map_box(box, crop, p.size, p.keep_aspect) if box.size == 4 else np.empty(0)  # empty: no box given
     scale = max(y1 - y0, x1 - x0) / p.size if p.keep_aspect else None
@@ -549,6 +548,7 @@ def build_lesion_input(root: str | Path, info: pd.DataFrame, lesion_idx: int, *,
             "spacing": [cfg.interval_mm if cfg.neighbours == "interval" else dz,
                         float(spacing[1]) * sy, float(spacing[0]) * sx],
             "window": [float(win[0]), float(win[1])], "split": split, "lesion_idx": int(lesion_idx),
-            "bbox": list(bbox_t), "file": f"Images_png/{row['folder']}/{row['slice_file']}",
+            "bbox": list(bbox_t), "body_box": [int(v) for v in crop],
+            "file": f"Images_png/{row['folder']}/{row['slice_file']}",
             "lesion_type": int(row["Coarse_lesion_type"])}
     return LesionInput(image, bbox_t, int(lesion_idx), split, labels, meta)

@@ -342,6 +342,62 @@ class DeepLesion(DownstreamDataset):
         return item
 
 
+class Clahe:
+    """Contrast-limited adaptive histogram equalisation of a uint8 (C, H, W) tensor (``data.clahe``), OpenCV's
+    ``createCLAHE``.
+
+    OpenCV rather than scikit-image: it equalises the uint8 images these datasets yield as they are (scikit-image
+    converts to float and back), it is one wheel with no further dependencies, and it is much faster per image.
+    Grayscale and slice stacks are equalised channel by channel; colour images (``color=True``) on the L channel
+    of Lab, so hues are kept.
+
+    Args:
+        clip_limit: OpenCV clip limit (contrast cap per tile).
+        tiles: tiles per side of the grid.
+        color: treat 3 channels as RGB (equalise lightness only).
+    """
+
+    def __init__(self, clip_limit: float = 2.0, tiles: int = 8, color: bool = False) -> None:
+        if clip_limit <= 0 or tiles < 1:
+            raise ValueError(f"CLAHE: clip_limit={clip_limit} must be > 0 and tiles={tiles} >= 1")
+        self.clip_limit, self.tiles, self.color = clip_limit, tiles, color
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        import cv2
+        clahe = cv2.createCLAHE(clipLimit=self.clip_limit, tileGridSize=(self.tiles, self.tiles))
+        arr = image.numpy()
+        if self.color and arr.shape[0] == 3:
+            lab = cv2.cvtColor(np.ascontiguousarray(arr.transpose(1, 2, 0)), cv2.COLOR_RGB2LAB)
+            lab[..., 0] = clahe.apply(np.ascontiguousarray(lab[..., 0]))
+            out = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB).transpose(2, 0, 1)
+        else:
+            out = np.stack([clahe.apply(np.ascontiguousarray(c)) for c in arr])
+        return torch.from_numpy(np.ascontiguousarray(out))
+
+
+class BoxAugment:
+    """Box-aware augmentation of a lesion patch (``train.box_augment``): random shift (±``translate`` of the side),
+    scale and horizontal / vertical flips applied to the image and its lesion box together (torchvision v2 with
+    ``tv_tensors.BoundingBoxes``), the box clamped to the patch.
+
+    Call with ``(image uint8 (C, H, W), box (4,) x1, y1, x2, y2)``; returns both transformed.
+    """
+    takes_box = True
+
+    def __init__(self, translate: float = 0.1, scale: tuple[float, float] = (0.8, 1.2), flip: bool = True) -> None:
+        from torchvision.transforms import v2
+        ops = [v2.RandomAffine(degrees=0, translate=(translate, translate), scale=scale)]
+        if flip:
+            ops += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+        self.transform = v2.Compose(ops + [v2.ClampBoundingBoxes()])
+
+    def __call__(self, image: torch.Tensor, box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision import tv_tensors
+        boxes = tv_tensors.BoundingBoxes(box.reshape(1, 4).float(), format="XYXY", canvas_size=image.shape[-2:])
+        image, boxes = self.transform(tv_tensors.Image(image), boxes)
+        return image.as_subclass(torch.Tensor), boxes.as_subclass(torch.Tensor).reshape(4)
+
+
 def _floats(cell) -> list[float]:
     """A DL_info list cell (``"1.5, 2"`` or an already parsed sequence) as floats."""
     if isinstance(cell, str):

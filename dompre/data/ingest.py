@@ -88,8 +88,9 @@ def process_series(info: SeriesInfo, cfg: PrepConfig, root: str) -> dict[str, An
         if n < cfg.min_slices:
             raise SeriesError(f"too short: {n} slices < min_slices {cfg.min_slices}")
         z = np.asarray(vol.meta["z"])
+        boxes: list = []
         stacks, zi = prepare_volume(vol.stored, vol.spacing, cfg, z=z, window=vol.meta["window"],
-                                    rescale=(vol.slope, vol.intercept), alloc=_BUFFERS.get("body"))
+                                    rescale=(vol.slope, vol.intercept), alloc=_BUFFERS.get("body"), boxes=boxes)
     except SeriesError as e:
         res["reason"] = str(e)
         return res
@@ -103,7 +104,8 @@ def process_series(info: SeriesInfo, cfg: PrepConfig, root: str) -> dict[str, An
     metas = [{"source": "dicom", "series_uid": info.series_uid, "patient": info.patient,
               "study_uid": info.study_uid, "z": float(np.interp(k, np.arange(n), z)), "z_index": float(k),
               "spacing": [float(dz), vol.spacing[1], vol.spacing[2]], "window": [float(win[0]), float(win[1])],
-              "file": _rel(files[int(round(k))], root)} for k in zi]
+              "file": _rel(files[int(round(k))], root), "body_box": [int(v) for v in box]}
+             for k, box in zip(zi, boxes)]
     res.update(status="ok", stacks=stacks, metas=metas, n_inputs=len(metas))
     return res
 

@@ -442,7 +442,8 @@ class Anatomy:
 # ----------------------------------------------------------------------------------------------- lesions
 _LESION_Z = {"lung": (300, 490), "liver": (515, 630), "kidney": (585, 675), "spleen": (510, 580),
              "mediastinal_ln": (330, 430), "abdominal_ln": (600, 725), "pelvic_ln": (760, 880),
-             "bone": (292, 730), "soft": (20, 1250)}
+             "bone": (292, 730), "soft": (20, 1250), "thyroid": (248, 280), "neck_ln": (222, 282),
+             "femur": (905, 1250)}
 
 
 def _find(shapes: list[Shape], *names: str, min_size: float = 6.0) -> Shape | None:
@@ -500,6 +501,28 @@ def _lesion(kind: str, z: float, anat: Anatomy, rng: np.random.Generator) -> Les
             return None
         return Lesion(kind, "pelvis lymph node", z, s.cx + side * (s.a + r + 2), s.cy + 4 * w, (r, r * 0.8, r),
                       val, ("pelvis lymph node",) + ln, 8)
+    if kind == "neck_ln":
+        side = 1 if u > 0 else -1
+        s = _find(sh, f"jugular{side}", min_size=3.0)
+        if s is None:
+            return None
+        return Lesion(kind, "neck", z, s.cx + side * (s.a + r / 2 + 2), s.cy + 3 * w, (r / 2, r * 0.4, r / 2),
+                      val, ("neck",) + ln, 7)
+    if kind == "thyroid":
+        s = _find(sh, "thyroid1" if u > 0 else "thyroid-1", min_size=4.0)
+        if s is None:
+            return None
+        r = float(rng.uniform(2.5, max(3.0, 0.6 * min(s.a, s.b))))
+        return Lesion(kind, "thyroid gland", z, s.cx + 0.3 * w * s.a, s.cy + 0.3 * w * s.b, (r, r, r),
+                      s.val - 60, ("thyroid gland", "nodule", "hypoattenuation"), 7)
+    if kind == "femur":
+        s = _find(sh, "femur1" if u > 0 else "femur-1")
+        if s is None:
+            return None
+        r = float(rng.uniform(0.35, 0.6) * s.a)
+        scl = rng.random() < 0.5
+        return Lesion(kind, "femur", z, s.cx + 0.3 * w * s.a, s.cy + 0.3 * u * s.b, (r, r, 2 * r),
+                      1050.0 if scl else 60.0, ("femur", "sclerotic" if scl else "lytic"), 1)
     if kind == "bone":
         s = _find(sh, "vertebra")
         if s is None:

@@ -1,11 +1,11 @@
 """CT volume -> network inputs: body crop (MONAI ``CropForeground``), HU window, 3-slice stacks, resize.
 
-The small public functions (:func:`window_hu`, :func:`crop_body`, :func:`resize_stacks`,
-:func:`resample_z`, :func:`make_stacks`) are reused for DeepLesion lesion inputs; :func:`prepare_volume`
-chains them for a whole series. Slices are handled channel-first, (z, y, x), so one crop box serves every
-slice of a volume. Windowing comes first, into uint8, and 3-slice stacks are resized as uint8 images
-(torchvision's vectorised path): resizing float slices cost more than decoding the DICOM files
-(see tools/bench_ingest.py).
+ONE preparation for every input: :func:`prepare_stack` turns three consecutive HU slices into one uint8 input
+(body box of those three slices, HU window, resize); :func:`prepare_volume` applies it to every 3-slice stack of
+a series (DICOM ingest, explanations) and DeepLesion lesion inputs call it on the key slice and its
+neighbours. So a labeled and an unlabeled input of the same anatomy are the same array (tested on one phantom
+written both ways). Stacks are resized as uint8 images (torchvision's vectorised path): resizing float slices
+cost more than decoding the DICOM files (see tools/bench_ingest.py).
 """
 from __future__ import annotations
 
@@ -169,22 +169,36 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-def _hu_projection(stored: np.ndarray, slope: np.ndarray, inter: np.ndarray) -> np.ndarray:
-    """max over z of HU, from stored values and per-slice rescale (one integer pass when the rescale is shared)."""
-    if np.all(slope == slope[0]) and np.all(inter == inter[0]) and slope[0] > 0:
-        return stored.max(axis=0).astype(np.float32) * slope[0] + inter[0]
-    proj = np.full(stored.shape[1:], -np.inf, np.float32)
-    for i in range(0, stored.shape[0], _BLOCK):
-        b = slice(i, i + _BLOCK)
-        np.maximum(proj, (stored[b] * slope[b, None, None] + inter[b, None, None]).max(axis=0), out=proj)
-    return proj
+def prepare_stack(hu: np.ndarray, cfg: PrepConfig = PrepConfig(), *, window: tuple[float, float] | None = None
+                  ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """ONE input from three consecutive HU slices (3, y, x): body box, window, resize -> (uint8 (3, size, size), box).
+
+    Every source goes through this function: DICOM series (:func:`prepare_volume`, once per 3-slice stack) and
+    DeepLesion lesions (the key slice and its neighbours), so labeled and unlabeled inputs differ only in whether
+    a label is known. The body box is the largest connected component above ``cfg.body_threshold`` of the
+    projection over the three slices (MONAI ``CropForeground``, ``cfg.crop_margin`` pixels around it): one box
+    per input, so an input holds as much body as its own slices do. ``window`` is the series' own DICOM window,
+    used when ``cfg.window_source == "series"``. The box is (y0, y1, x0, x1) in the slices' pixels.
+    """
+    if hu.ndim != 3 or hu.shape[0] != 3:
+        raise ValueError(f"prepare_stack expects three slices (3, y, x), got shape {hu.shape}")
+    box = crop_box(hu, cfg.body_threshold, cfg.crop_margin) if cfg.crop else (0, hu.shape[1], 0, hu.shape[2])
+    y0, y1, x0, x1 = box
+    win = window if (cfg.window_source == "series" and window is not None) else cfg.window
+    x = window_hu(hu[:, y0:y1, x0:x1], win)
+    u8 = np.rint(x, out=x).astype(np.uint8)
+    return resize_stacks(u8[None], cfg.size, cfg.keep_aspect)[0], box
 
 
 def prepare_volume(hu: np.ndarray, spacing: tuple[float, float, float], cfg: PrepConfig = PrepConfig(), *,
                    z: np.ndarray | None = None, window: tuple[float, float] | None = None,
                    rescale: tuple[np.ndarray, np.ndarray] | None = None,
-                   alloc: Callable[..., np.ndarray] = np.empty) -> tuple[np.ndarray, np.ndarray]:
+                   alloc: Callable[..., np.ndarray] = np.empty, boxes: list | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """A (z, y, x) HU volume -> (stacks uint8 (n, 3, size, size), z_index of each stack's middle slice).
+
+    Slices ``k-1, k, k+1`` (``k`` every ``cfg.stride`` slices) become one input through :func:`prepare_stack`,
+    each with its own body box.
 
     Args:
         hu: HU volume, z-ordered; or, with ``rescale``, stored values (``CTVolume.stored``).
@@ -193,34 +207,37 @@ def prepare_volume(hu: np.ndarray, spacing: tuple[float, float, float], cfg: Pre
         z: slice positions in mm, used by ``cfg.slice_interval`` resampling.
         window: the series' own (low, high) window, used when ``cfg.window_source == "series"``.
         rescale: per-slice (slope, intercept) when ``hu`` holds stored values: HU = stored * slope + intercept,
-            applied block by block, so no float volume is ever made.
-        alloc: ``alloc(shape, dtype)`` for the windowed uint8 body box (the ingest job reuses one buffer).
+            made three slices at a time, so no float volume is made (except to resample along z).
+        alloc: ``alloc(shape, dtype)`` for the float32 HU of one stack (the ingest job reuses one buffer).
+        boxes: a list that receives each stack's body box (y0, y1, x0, x1), in order (provenance).
 
     Returns:
         stacks and, per stack, the index of its middle slice in ``hu`` (float64; fractional after
         resampling). ``np.interp(z_index, arange(len(z)), z)`` gives its position in mm.
     """
-    n = hu.shape[0]
-    z = np.arange(n) * float(spacing[0]) if z is None else np.asarray(z, dtype=np.float64)
     if hu.ndim != 3:
         raise ValueError(f"prepare_volume expects (z, y, x), got shape {hu.shape}")
+    n = hu.shape[0]
+    z = np.arange(n) * float(spacing[0]) if z is None else np.asarray(z, dtype=np.float64)
     slope, inter = (None, None) if rescale is None else (np.asarray(r, np.float32) for r in rescale)
-    if cfg.crop:  # a view of the body box: only body pixels are windowed and resized
-        proj = hu.max(axis=0) if rescale is None else _hu_projection(hu, slope, inter)
-        y0, y1, x0, x1 = crop_box(proj[None], cfg.body_threshold, cfg.crop_margin)
-        hu = hu[:, y0:y1, x0:x1]
-    win = window if (cfg.window_source == "series" and window is not None) else cfg.window
-    u8 = alloc(hu.shape, np.uint8)
-    for i in range(0, n, _BLOCK):  # per block: float temporaries stay small and in cache
-        blk = slice(i, i + _BLOCK)
-        x = window_hu(hu[blk], win, None if rescale is None else (slope[blk], inter[blk]))
-        u8[blk] = np.rint(x, out=x)
     grid = np.arange(n, dtype=np.float64)
-    if cfg.slice_interval is not None and n > 1:
-        u8, new_z = resample_z(u8, z, cfg.slice_interval)
-        grid = np.interp(new_z, z, grid)
-    idx = _stack_index(u8.shape[0], cfg.stride)
+    if cfg.slice_interval is not None and n > 1:  # resample HU (not stored values: rescales may differ)
+        vol = np.empty(hu.shape, np.float32)
+        for i in range(0, n, _BLOCK):
+            b = slice(i, i + _BLOCK)
+            vol[b] = hu[b] if slope is None else hu[b] * slope[b, None, None] + inter[b, None, None]
+        hu, new_z = resample_z(vol, z, cfg.slice_interval)
+        grid, slope = np.interp(new_z, z, grid), None
+    idx = _stack_index(hu.shape[0], cfg.stride)
     stacks = np.empty((len(idx), 3, cfg.size, cfg.size), np.uint8)
-    for i in range(0, len(idx), _BLOCK // 3):
-        stacks[i:i + _BLOCK // 3] = resize_stacks(u8[idx[i:i + _BLOCK // 3]], cfg.size, cfg.keep_aspect)
+    buf = alloc((3,) + hu.shape[1:], np.float32)
+    for i, rows in enumerate(idx):
+        if slope is None:
+            np.copyto(buf, hu[rows], casting="unsafe")
+        else:
+            np.multiply(hu[rows], slope[rows, None, None], out=buf, casting="unsafe")
+            buf += inter[rows, None, None]
+        stacks[i], box = prepare_stack(buf, cfg, window=window)
+        if boxes is not None:
+            boxes.append(box)
     return stacks, grid[idx[:, 1]]

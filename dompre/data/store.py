@@ -1,10 +1,13 @@
 """SliceStore: a sharded on-disk store of uint8 (3, H, W) inputs with metadata, labels and exactly-once resume.
 
-Layout of a store folder::
+Layout of a store folder (version 2)::
 
-    manifest.json                 version, image_size, label_names, shards [{name, n}], units {key: info}
-    shards/shard-000000.npy       uint8 (n, 3, H, W), read with np.load(mmap_mode="r"): no decoding
-    shards/shard-000000.jsonl     one JSON metadata object per item
+    manifest.json                   version, image_size, label_names, info, generation g, shards [{name, n}]
+    log-<g>.jsonl                   commits since the manifest was last compacted, one line each:
+                                    ``{"shard": {name, n} | null}`` TAB ``{unit key: info}``
+    units-<g>.jsonl                 the units compacted into the manifest's generation, one ``[key, info]`` a line
+    shards/shard-000000.npy         uint8 (n, 3, H, W) after a fixed 128-byte .npy header; read with ``os.preadv``
+    shards/shard-000000.meta.parquet  the items' metadata, one column per key (read column by column)
     shards/shard-000000.labels.npy  float32 (n, L), NaN = unknown (only when the store has label_names)
 
 Writing is organised in *work units* (one DICOM series, one DeepLesion lesion batch, ...)::
@@ -17,16 +20,24 @@ Writing is organised in *work units* (one DICOM series, one DeepLesion lesion ba
                 w.add(image, meta=meta)
             w.commit_unit(uid, info={"status": "ok"})
 
-A shard always holds whole units. It is written to a temporary name, fsynced and renamed, and only then
-is the manifest (itself written atomically) updated to list the shard and its units. The manifest is the
-only truth: a killed run leaves at most an unlisted shard or ``*.tmp`` file, which readers never see and
-the next writer overwrites, and its uncommitted units are simply done again. Units with no items (a
-skipped series) are recorded with their info in the manifest too, so a rerun does not redo them.
+A shard always holds whole units. Its files are written to temporary names, fsynced and renamed; only then is
+one line naming the shard and its units appended to the log and fsynced. A commit therefore costs the new units
+only. The manifest plus the complete lines of its log are the only truth: a killed run leaves at most an unlisted
+shard, a ``*.tmp`` file or a torn last log line (no newline), which readers never see and the next writer
+overwrites or cuts off, and its uncommitted units are simply done again. Units with no items (a skipped series)
+are logged with their info too, so a rerun does not redo them. Closing the writer compacts the log into a new
+generation (units file, then manifest, each written atomically; the old generation's files are removed after).
+
+Stores of version 1 (every unit in ``manifest.json``, metadata in ``shards/*.jsonl``) are read as they are; a
+writer resuming one upgrades its manifest to version 2 in place (its shards and their metadata stay as written).
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
+import re
+import resource
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -38,12 +49,19 @@ import torch
 from dompre._io import write_atomic
 
 MANIFEST = "manifest.json"
-MAX_OPEN_SHARDS = 8  # shard maps a reader keeps open (LRU)
 REPORT = "report.json"  # an ingest job's list of every unit with its status and skip reason
-VERSION = 1
+VERSION = 2
 META_DEFAULTS: dict[str, Any] = {"source": "", "series_uid": "", "patient": "", "z": float("nan"),
                                  "spacing": (), "window": (), "split": "", "lesion_idx": -1, "bbox": ()}
 _HEADER_LEN = 128  # fixed .npy header length so the shape can be written after streaming the items
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a shard name is a plain file stem inside shards/
+_JSON_COLUMNS = b"dompre.json_columns"  # parquet metadata key: columns stored as JSON text (mixed types)
+
+
+def _max_open_files() -> int:
+    """Shard files a reader keeps open: a quarter of this process's descriptor limit (64 to 8192)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 8192 if soft == resource.RLIM_INFINITY else max(64, min(8192, soft // 4))
 
 
 def _npy_header(shape: tuple[int, ...]) -> bytes:
@@ -82,7 +100,96 @@ def read_manifest(path: str | Path) -> dict:
     f = Path(path) / MANIFEST
     if not f.is_file():
         raise FileNotFoundError(f"{path} is not a SliceStore (no {MANIFEST}); run `dompre ingest` to create one")
-    return json.loads(f.read_text())
+    m = json.loads(f.read_text())
+    if int(m.get("version", 1)) > VERSION:
+        raise ValueError(f"{f}: store version {m['version']} was written by a newer dompre (this one reads up to "
+                         f"{VERSION}); upgrade dompre")
+    return m
+
+
+def _check_shard(path: Path, entry: dict) -> dict:
+    """A manifest or log shard entry, refused when its name could reach a file outside ``path/shards``."""
+    name = entry.get("name") if isinstance(entry, dict) else None
+    root = (path / "shards").resolve()
+    if not isinstance(name, str) or not _NAME.match(name) or (root / name).resolve().parent != root:
+        raise ValueError(f"{path / MANIFEST}: shard name {name!r} is not a file of {root}; a store lists only "
+                         "its own shards/ files, so this manifest is damaged or not from dompre: rebuild the store")
+    return entry
+
+
+def _log_lines(f: Path) -> tuple[list[bytes], int]:
+    """The complete lines of log ``f`` (none when absent) and the byte length they span (torn tail excluded)."""
+    try:
+        data = f.read_bytes()
+    except FileNotFoundError:
+        return [], 0
+    end = data.rfind(b"\n") + 1
+    return data[:end].splitlines(), end
+
+
+def _read_state(path: Path, with_units: bool) -> tuple[dict, list[dict], dict | None]:
+    """(manifest, every committed shard entry, units or None) of a store, from its manifest and log."""
+    for _ in range(5):
+        m = read_manifest(path)
+        if "generation" not in m:  # version 1: everything in the manifest
+            shards = [_check_shard(path, s) for s in m["shards"]]
+            return m, shards, (m.get("units", {}) if with_units else None)
+        gen = int(m["generation"])
+        lines, _ = _log_lines(path / f"log-{gen}.jsonl")
+        units = _units_file(path / f"units-{gen}.jsonl") if with_units else None
+        if int(read_manifest(path)["generation"]) != gen:
+            continue  # a writer compacted the log while we read it: read the new generation
+        shards = [_check_shard(path, s) for s in m["shards"]]
+        for line in lines:
+            head, _, body = line.partition(b"\t")
+            entry = json.loads(head)
+            if entry.get("shard") is not None:
+                shards.append(_check_shard(path, entry["shard"]))
+            if units is not None:
+                units.update(json.loads(body))
+        return m, shards, units
+    raise RuntimeError(f"{path}: the store kept changing while it was opened; open it again")
+
+
+def _units_file(f: Path) -> dict:
+    if not f.is_file():
+        return {}
+    return dict(json.loads(line) for line in f.read_bytes().splitlines() if line)
+
+
+def _meta_table(metas: list[dict]):
+    """Per-shard metadata as an Arrow table, one column per key; mixed-type columns are kept as JSON text."""
+    import pyarrow as pa
+
+    keys = list(dict.fromkeys(k for m in metas for k in m))
+    arrays, as_json = {}, []
+    for k in keys:
+        values = [m.get(k) for m in metas]
+        try:
+            arrays[k] = pa.array(values)
+            if pa.types.is_struct(arrays[k].type):  # dicts: Arrow would add the keys other rows have
+                raise pa.ArrowTypeError
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            arrays[k] = pa.array([json.dumps(v) for v in values])
+            as_json.append(k)
+    return pa.table(arrays).replace_schema_metadata({_JSON_COLUMNS: json.dumps(as_json).encode()})
+
+
+def _arrow_values(column, is_json: bool) -> list | np.ndarray:
+    """One Arrow column as values: lists become tuples, JSON text is decoded, scalars stay numpy."""
+    import pyarrow as pa
+
+    if is_json:
+        return [_tuples(json.loads(v)) for v in column.to_pylist()]
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        return [_tuples(v) for v in column.to_pylist()]
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or column.null_count:
+        return column.to_pylist()
+    return column.to_numpy()
+
+
+def _tuples(v: Any) -> Any:
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
 
 
 class StoreWriter:
@@ -108,16 +215,25 @@ class StoreWriter:
         (self.path / "shards").mkdir(parents=True, exist_ok=True)
         for stale in (self.path / "shards").glob("*.tmp"):
             stale.unlink()
-        want = {"version": VERSION, "image_size": self.image_size, "label_names": self.label_names,
-                "info": json.loads(json.dumps(_jsonable(info or {})))}
+        self._head = {"version": VERSION, "image_size": self.image_size, "label_names": self.label_names,
+                      "info": json.loads(json.dumps(_jsonable(info or {})))}
+        self._shards: list[dict] = []
+        self._units: dict[str, dict] = {}
+        self._gen = 0
+        self._log = None
         if (self.path / MANIFEST).is_file():
-            self.manifest = read_manifest(self.path)
-            for key, value in want.items():
-                if self.manifest.get(key) != value:
-                    raise ValueError(f"{self.path} was written with {key}={self.manifest.get(key)!r}, this run has "
+            m, self._shards, units = _read_state(self.path, with_units=True)
+            for key, value in self._head.items():
+                if key != "version" and m.get(key) != value:
+                    raise ValueError(f"{self.path} was written with {key}={m.get(key)!r}, this run has "
                                      f"{value!r}; use a new STORE_DIR or the original settings")
-        else:
-            self.manifest = {**want, "shards": [], "units": {}}
+            self._units = units or {}
+            if "generation" in m:
+                self._gen = int(m["generation"])
+                self._cut_torn_log()
+                self._drop_old_generations()
+            else:
+                self._compact()  # version 1: move its units out of the manifest (same shards, same units)
         self._pending: dict[str, dict] = {}   # committed units waiting for the next shard
         self._open_unit: list[tuple[np.ndarray, dict, np.ndarray | None]] = []
         self._stream = None
@@ -127,17 +243,17 @@ class StoreWriter:
 
     # ------------------------------------------------------------------ units
     def is_done(self, key: str) -> bool:
-        """True when unit ``key`` is committed in the manifest (or waiting in this writer)."""
-        return key in self.manifest["units"] or key in self._pending
+        """True when unit ``key`` is committed in the store (or waiting in this writer)."""
+        return key in self._units or key in self._pending
 
     def unit_info(self, key: str) -> dict | None:
         """The info recorded with a committed unit."""
-        return self.manifest["units"].get(key, self._pending.get(key))
+        return self._units.get(key, self._pending.get(key))
 
     @property
     def units(self) -> dict[str, dict]:
         """All committed units with their info (written and pending)."""
-        return {**self.manifest["units"], **self._pending}
+        return {**self._units, **self._pending}
 
     def add(self, image: np.ndarray, *, meta: dict | None = None, labels: np.ndarray | None = None) -> None:
         """Add one item (uint8 (3, H, W)) to the current unit; it becomes visible when its unit commits."""
@@ -172,7 +288,7 @@ class StoreWriter:
 
     # ------------------------------------------------------------------ shards
     def _shard_name(self) -> str:
-        return f"shard-{len(self.manifest['shards']):06d}"
+        return f"shard-{len(self._shards):06d}"
 
     def _append(self, image: np.ndarray, meta: dict, lab: np.ndarray | None) -> None:
         if self._stream is None:
@@ -185,45 +301,95 @@ class StoreWriter:
             self._labels.append(lab)
         self._count += 1
 
-    def flush(self) -> None:
-        """Write the waiting items as one shard and record it and its units in the manifest."""
-        if not self._pending:
-            return
+    def _write_shard(self) -> dict:
+        """Write the waiting items as shard files (fsynced, renamed); return the shard's entry."""
+        import pyarrow.parquet as pq
+
         shards = self.path / "shards"
         name = self._shard_name()
-        if self._count:
-            f = self._stream
-            f.seek(0)
-            f.write(_npy_header((self._count, 3, self.image_size, self.image_size)))
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-            self._stream = None
-            os.replace(shards / f"{name}.npy.tmp", shards / f"{name}.npy")
-            write_atomic(shards / f"{name}.jsonl",
-                          "".join(json.dumps(m) + "\n" for m in self._metas).encode())
-            if self.label_names is not None:
-                tmp = shards / f"{name}.labels.npy.tmp"
-                with open(tmp, "wb") as fh:
-                    np.save(fh, np.stack(self._labels).astype(np.float32))
-                _fsync_replace(tmp, shards / f"{name}.labels.npy")
-            self.manifest["shards"].append({"name": name, "n": self._count})
-        self.manifest["units"].update(self._pending)
-        write_atomic(self.path / MANIFEST, json.dumps(self.manifest).encode())
+        f = self._stream
+        f.seek(0)
+        f.write(_npy_header((self._count, 3, self.image_size, self.image_size)))
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        self._stream = None
+        os.replace(shards / f"{name}.npy.tmp", shards / f"{name}.npy")
+        tmp = shards / f"{name}.meta.parquet.tmp"
+        pq.write_table(_meta_table(self._metas), tmp)
+        _fsync_replace(tmp, shards / f"{name}.meta.parquet")
+        if self.label_names is not None:
+            tmp = shards / f"{name}.labels.npy.tmp"
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.stack(self._labels).astype(np.float32))
+            _fsync_replace(tmp, shards / f"{name}.labels.npy")
+        return {"name": name, "n": self._count, "meta": "parquet"}
+
+    def flush(self) -> None:
+        """Write the waiting items as one shard and append it and its units to the log (one fsynced line)."""
+        if not self._pending:
+            return
+        if not (self.path / MANIFEST).is_file():
+            self._write_manifest()
+        shard = self._write_shard() if self._count else None
+        if self._log is None:
+            self._log = open(self.path / f"log-{self._gen}.jsonl", "ab")
+        self._log.write(json.dumps({"shard": shard}).encode() + b"\t" + json.dumps(self._pending).encode() + b"\n")
+        self._log.flush()
+        os.fsync(self._log.fileno())
+        if shard is not None:
+            self._shards.append(shard)
+        self._units.update(self._pending)
         self._pending, self._metas, self._labels, self._count = {}, [], [], 0
 
+    def _write_manifest(self) -> None:
+        write_atomic(self.path / MANIFEST, json.dumps({**self._head, "generation": self._gen,
+                                                       "shards": self._shards}).encode())
+
+    def _cut_torn_log(self) -> None:
+        """Cut a torn last line (a commit killed while being written) off the log before appending to it."""
+        log = self.path / f"log-{self._gen}.jsonl"
+        _, end = _log_lines(log)
+        if log.is_file() and log.stat().st_size != end:
+            os.truncate(log, end)
+
+    def _drop_old_generations(self) -> None:
+        """Remove log and units files of earlier generations (left when a compaction was killed)."""
+        for f in self.path.glob("*-*.jsonl"):
+            m = re.fullmatch(r"(log|units)-(\d+)\.jsonl", f.name)
+            if m and int(m.group(2)) != self._gen:
+                f.unlink(missing_ok=True)
+
+    def _compact(self) -> None:
+        """Fold the log into generation g + 1: units file, then manifest (the switch), then drop the old files."""
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        old = self._gen
+        self._gen += 1
+        write_atomic(self.path / f"units-{self._gen}.jsonl",
+                     b"".join(json.dumps([k, v]).encode() + b"\n" for k, v in self._units.items()))
+        self._write_manifest()
+        for stale in (f"log-{old}.jsonl", f"units-{old}.jsonl"):
+            (self.path / stale).unlink(missing_ok=True)
+
     def close(self) -> None:
-        """Flush committed units; items of an uncommitted unit are dropped."""
+        """Flush committed units and compact the log; items of an uncommitted unit are dropped."""
         self._open_unit = []
         self.flush()
         if not (self.path / MANIFEST).is_file():
-            write_atomic(self.path / MANIFEST, json.dumps(self.manifest).encode())
+            self._write_manifest()
+        elif self._log is not None or (self.path / f"log-{self._gen}.jsonl").is_file():
+            self._compact()
 
     def abort(self) -> None:
         """Drop everything not yet written (used when the job fails; a rerun redoes those units)."""
         if self._stream is not None:
             self._stream.close()
             self._stream = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         self._pending, self._open_unit, self._metas, self._labels, self._count = {}, [], [], [], 0
 
     def __enter__(self) -> "StoreWriter":
@@ -235,50 +401,65 @@ class StoreWriter:
             return
         self._open_unit = []  # the job failed: keep the units it finished, drop the unfinished one
         try:
-            self.flush()
+            self.close()
         except OSError:
             self.abort()
 
 
 class SliceStore:
-    """Read a store written by :class:`StoreWriter`: random access by memory map, no decoding.
+    """Read a store written by :class:`StoreWriter`: random access by positioned reads, no decoding.
 
-    Memory held: the metadata table, the label matrix (if any) and the shard offsets; image shards are
-    memory-mapped lazily on first access.
+    Memory held: the shard offsets, a bounded set of open shard files (one descriptor each, no maps: an item is
+    read with ``os.preadv`` at its known byte offset), and what was asked for: metadata columns (:meth:`columns`,
+    :attr:`meta`), the label matrix (:attr:`labels`) and the units (:attr:`units`) are read on first use and
+    never pickled, so a DataLoader worker receives only the offsets.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        m = read_manifest(self.path)
+        m, shards, _ = _read_state(self.path, with_units=False)
         self.image_size = int(m["image_size"])
         self.label_names: list[str] | None = m.get("label_names")
         self.info: dict = m.get("info", {})
-        self.units: dict[str, dict] = m.get("units", {})
-        self._names = [s["name"] for s in m["shards"]]
-        sizes = np.array([s["n"] for s in m["shards"]], dtype=np.int64)
+        self._names = [s["name"] for s in shards]
+        self._formats = [s.get("meta", "jsonl") for s in shards]
+        sizes = np.array([s["n"] for s in shards], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(sizes)])
-        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()  # LRU of open shard maps
-        self._meta: pd.DataFrame | None = None
-        self._labels: np.ndarray | None = None
+        self._starts: list[int] = self._offsets[:-1].tolist()  # for bisect in single reads
+        self._item_bytes = 3 * self.image_size * self.image_size
+        self._fds: OrderedDict[int, int] = OrderedDict()  # LRU of open shard files: shard -> descriptor
+        self._max_open = _max_open_files()
+        self._cache: dict[str, Any] = {}  # columns, labels and units read so far (dropped when pickled)
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
-    def _shard(self, k: int) -> np.ndarray:
-        """Shard ``k`` memory-mapped; only the ``MAX_OPEN_SHARDS`` most recent stay mapped, so the pages a
-        long pass has read are unmapped behind it and resident memory does not grow with the store."""
-        arr = self._maps.get(k)
-        if arr is None:
-            arr = np.load(self.path / "shards" / f"{self._names[k]}.npy", mmap_mode="r")
-            if arr.shape[0] != self._offsets[k + 1] - self._offsets[k]:
-                raise ValueError(f"{self.path}: shard {self._names[k]} holds {arr.shape[0]} items, manifest says "
-                                 f"{self._offsets[k + 1] - self._offsets[k]}; the store is damaged")
-            self._maps[k] = arr
-            while len(self._maps) > MAX_OPEN_SHARDS:
-                self._maps.popitem(last=False)
-        else:
-            self._maps.move_to_end(k)
-        return arr
+    # ------------------------------------------------------------------ images
+    def _fd(self, k: int) -> int:
+        """Descriptor of shard ``k``'s .npy, opened (and its header checked) on first use."""
+        fd = self._fds.get(k)
+        if fd is not None:
+            if len(self._fds) >= self._max_open:  # order matters only once files are being closed
+                self._fds.move_to_end(k)
+            return fd
+        f = self.path / "shards" / f"{self._names[k]}.npy"
+        fd = os.open(f, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        n = int(self._offsets[k + 1] - self._offsets[k])
+        want = _npy_header((n, 3, self.image_size, self.image_size))
+        if os.pread(fd, _HEADER_LEN, 0) != want or os.fstat(fd).st_size != _HEADER_LEN + n * self._item_bytes:
+            os.close(fd)
+            raise ValueError(f"{f}: not a shard of {n} uint8 (3, {self.image_size}, {self.image_size}) items as "
+                             f"{self.path / MANIFEST} says; the store is damaged: rebuild it")
+        self._fds[k] = fd
+        while len(self._fds) > self._max_open:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def _read(self, k: int, local: int, out: np.ndarray) -> None:
+        """Fill ``out`` (contiguous, ``m`` items) with items ``local .. local + m`` of shard ``k``."""
+        got = os.preadv(self._fd(k), [out], _HEADER_LEN + local * self._item_bytes)
+        if got != out.nbytes:
+            raise ValueError(f"{self.path}/shards/{self._names[k]}.npy is truncated; rebuild the store")
 
     def _locate(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = len(self)
@@ -290,44 +471,132 @@ class SliceStore:
 
     def __getitem__(self, i: int) -> np.ndarray:
         """Item ``i`` as uint8 (3, H, W) (a copy, safe to keep)."""
-        shard, local = self._locate(np.asarray([int(i)]))
-        return np.array(self._shard(int(shard[0]))[int(local[0])])
+        i = int(i)
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for a store of {n} items")
+        i += n if i < 0 else 0
+        k = bisect.bisect_right(self._starts, i) - 1
+        out = np.empty((3, self.image_size, self.image_size), np.uint8)
+        self._read(k, i - self._starts[k], out)
+        return out
 
     def images(self, idx: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Batched gather: uint8 (n, 3, H, W) for indices ``idx``, reading each shard once in sorted order."""
+        """Batched gather: uint8 (n, 3, H, W) for indices ``idx``; runs of consecutive items are read at once."""
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         out = np.empty((idx.size, 3, self.image_size, self.image_size), np.uint8)
+        if not idx.size:
+            return out
         shard, local = self._locate(idx)
-        for k in np.unique(shard):
-            sel = np.flatnonzero(shard == k)
-            order = sel[np.argsort(local[sel], kind="stable")]
-            out[order] = self._shard(int(k))[local[order]]
+        order = np.lexsort((local, shard))
+        s, loc = shard[order], local[order]
+        breaks = np.flatnonzero((np.diff(s) != 0) | (np.diff(loc) != 1)) + 1
+        buf = np.empty_like(out)
+        for a, b in zip(np.r_[0, breaks], np.r_[breaks, idx.size]):
+            self._read(int(s[a]), int(loc[a]), buf[a:b])
+        out[order] = buf
         return out
+
+    def close(self) -> None:
+        """Close the open shard files (they reopen on the next read)."""
+        fds, self._fds = self._fds, OrderedDict()
+        for fd in fds.values():
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (OSError, AttributeError):
+            pass
+
+    # ------------------------------------------------------------------ metadata
+    def _meta_file(self, k: int) -> Path:
+        ext = "meta.parquet" if self._formats[k] == "parquet" else "jsonl"
+        return self.path / "shards" / f"{self._names[k]}.{ext}"
+
+    def _shard_columns(self, k: int, columns: Sequence[str] | None,
+                       row: int | None = None) -> dict[str, list | np.ndarray]:
+        """Metadata columns of shard ``k`` (all when ``columns`` is None; absent ones are left out), of every
+        item or of item ``row`` alone."""
+        f = self._meta_file(k)
+        if self._formats[k] != "parquet":  # version 1: one JSON object a line
+            lines = f.read_bytes().splitlines()
+            rows = [json.loads(line) for line in (lines if row is None else lines[row:row + 1]) if line]
+            keys = list(dict.fromkeys(c for r in rows for c in r)) if columns is None else columns
+            return {c: [_tuples(r.get(c)) for r in rows] for c in keys if any(c in r for r in rows)}
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        table = pf.read(columns=names if columns is None else [c for c in columns if c in names])
+        as_json = set(json.loads((table.schema.metadata or {}).get(_JSON_COLUMNS, b"[]")))
+        if row is not None:
+            table = table.slice(row, 1)
+        return {c: _arrow_values(table.column(c), c in as_json) for c in table.column_names}
+
+    def column_names(self) -> list[str]:
+        """Every metadata column of the store (read from the shards' schemas, not their rows)."""
+        import pyarrow.parquet as pq
+
+        if "names" not in self._cache:
+            names = dict.fromkeys(META_DEFAULTS)
+            for k in range(len(self._names)):
+                if self._formats[k] == "parquet":
+                    names.update(dict.fromkeys(pq.read_schema(self._meta_file(k)).names))
+                else:
+                    names.update(dict.fromkeys(self._shard_columns(k, None)))
+            self._cache["names"] = list(names)
+        return list(self._cache["names"])
+
+    def columns(self, names: Sequence[str]) -> pd.DataFrame:
+        """Metadata columns ``names`` for every item, reading only those columns (each cached once read).
+
+        A column a shard lacks is filled with its ``META_DEFAULTS`` value (or None).
+        """
+        names = list(names)
+        todo = [c for c in names if f"col:{c}" not in self._cache]
+        if todo:
+            parts: dict[str, list] = {c: [] for c in todo}
+            for k in range(len(self._names)):
+                got = self._shard_columns(k, todo)
+                n = int(self._offsets[k + 1] - self._offsets[k])
+                for c in todo:
+                    parts[c].append(got[c] if c in got else [META_DEFAULTS.get(c)] * n)
+            for c in todo:
+                values = [v for p in parts[c] for v in p] if any(isinstance(p, list) for p in parts[c]) \
+                    else (np.concatenate(parts[c]) if parts[c] else [])
+                self._cache[f"col:{c}"] = pd.Series(values, dtype=object if not len(values) else None, name=c)
+        return pd.DataFrame({c: self._cache[f"col:{c}"] for c in names})
+
+    def item_meta(self, i: int) -> dict:
+        """Metadata of item ``i`` alone, read from its shard's metadata file (not the store's table)."""
+        shard, local = self._locate(np.asarray([int(i)]))
+        got = self._shard_columns(int(shard[0]), None, int(local[0]))
+        return {c: (v[0].item() if isinstance(v, np.ndarray) else v[0]) for c, v in got.items()}
 
     @property
     def meta(self) -> pd.DataFrame:
-        """One row per item: source, series_uid, patient, z, spacing, window, split, lesion_idx, bbox, ..."""
-        if self._meta is None:
-            rows: list[dict] = []
-            for name in self._names:
-                with open(self.path / "shards" / f"{name}.jsonl") as f:
-                    rows.extend(json.loads(line) for line in f)
-            df = pd.DataFrame(rows, columns=None if rows else list(META_DEFAULTS))
-            for col in ("spacing", "window", "bbox"):
-                if col in df:
-                    df[col] = df[col].map(lambda v: tuple(v) if isinstance(v, list) else v)
-            self._meta = df
-        return self._meta
+        """The whole metadata table, one row per item: source, series_uid, patient, z, spacing, window, split,
+        lesion_idx, bbox, ... (prefer :meth:`columns` or :meth:`item_meta`, which read only what they need)."""
+        return self.columns(self.column_names())
 
     @property
     def labels(self) -> np.ndarray | None:
         """float32 (N, L) with NaN = unknown, or None for an unlabeled store."""
         if self.label_names is None:
             return None
-        if self._labels is None:
+        if "labels" not in self._cache:
             parts = [np.load(self.path / "shards" / f"{n}.labels.npy") for n in self._names]
-            self._labels = np.concatenate(parts) if parts else np.empty((0, len(self.label_names)), np.float32)
-        return self._labels
+            self._cache["labels"] = np.concatenate(parts) if parts else \
+                np.empty((0, len(self.label_names)), np.float32)
+        return self._cache["labels"]
+
+    @property
+    def units(self) -> dict[str, dict]:
+        """Every committed unit with its info (read on first use; it can be large)."""
+        if "units" not in self._cache:
+            self._cache["units"] = _read_state(self.path, with_units=True)[2]
+        return self._cache["units"]
 
     def dataset(self, indices: Iterable[int] | None = None, transform: Callable | None = None):
         """A torch Dataset over ``indices`` (default all) yielding {"image", "label", "index"}."""
@@ -335,7 +604,8 @@ class SliceStore:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_maps"] = OrderedDict()  # memory maps are reopened in each DataLoader worker, never pickled
+        state["_fds"] = OrderedDict()  # files are reopened in each DataLoader worker, never pickled
+        state["_cache"] = {}
         return state
 
 

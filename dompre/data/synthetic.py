@@ -35,6 +35,7 @@ from pydicom.uid import (
 from dompre._io import save_figure, write_atomic
 from dompre.data.phantom import (
     BODY_PART_EXAMINED,
+    COVERAGES,
     BODY_TERMS,
     Phantom,
     close_terms,
@@ -525,6 +526,8 @@ def generate_cohort(
     quirk_rate: float = 0.1,
     lesions: bool = True,
     lesions_per_patient: tuple[int, int] = (2, 6),
+    labeled_lesions: tuple[int, int] | None = None,
+    labeled_coverage: str | None = None,
     matrix: int = 256,
     max_slices: int = 240,
     preview: bool = False,
@@ -544,6 +547,10 @@ def generate_cohort(
             -1024, shuffled InstanceNumber, a scout in the same folder; RLE compression at half the rate).
         lesions: paint lesions, ``lesions_per_patient`` (low, high) per patient (more give the labeled share
             more key slices).
+        labeled_lesions: (low, high) lesions per patient of the labeled share (default ``lesions_per_patient``):
+            more give the labeled share more key slices (labeled inputs) without more patients.
+        labeled_coverage: scan protocol of every labeled patient (e.g. ``whole-body``, so the labeled share
+            covers the anatomy the labels name; default: drawn like every other patient).
         matrix: image size (256 default; 512 works, slower).
         max_slices: thickness is drawn (1-5 mm) among values that keep each series within about this many
             slices; thicker slices beyond 5 mm only when the coverage needs them.
@@ -560,6 +567,10 @@ def generate_cohort(
         raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
     if not 0 <= lesions_per_patient[0] <= lesions_per_patient[1]:
         raise ValueError(f"lesions_per_patient must be (low, high) with 0 <= low <= high, got {lesions_per_patient}")
+    if labeled_lesions is not None and not 0 <= labeled_lesions[0] <= labeled_lesions[1]:
+        raise ValueError(f"labeled_lesions must be (low, high) with 0 <= low <= high, got {labeled_lesions}")
+    if labeled_coverage is not None and labeled_coverage not in COVERAGES:
+        raise ValueError(f"labeled_coverage {labeled_coverage!r} is not one of {sorted(COVERAGES)}")
     for name, v in (("labeled_fraction", labeled_fraction), ("quirk_rate", quirk_rate)):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {v}")
@@ -581,14 +592,17 @@ def generate_cohort(
     ok = False
     try:
         for i in tqdm(range(patients), desc="synth patients", unit="patient", disable=not progress):
-            params = sample_patient(np.random.default_rng([seed, i]), matrix=matrix, max_slices=max_slices)
-            ph = make_phantom(params, lesions=lesions, lesions_per_patient=lesions_per_patient)
+            lab = i in split
+            params = sample_patient(np.random.default_rng([seed, i]), matrix=matrix, max_slices=max_slices,
+                                    coverage=labeled_coverage if lab else None)
+            ph = make_phantom(params, lesions=lesions,
+                              lesions_per_patient=(labeled_lesions or lesions_per_patient) if lab else lesions_per_patient)
             pid = f"SYN{i:05d}"
             study_uid, series_uid = derive_uid(seed, i, "study"), derive_uid(seed, i, "series", 1)
             info = {"patient_id": pid, "coverage": params.coverage, "slices": int(ph.hu.shape[0]),
                     "thickness": params.thickness, "pixel": params.pixel, "contrast": params.contrast,
                     "lesions": len(ph.lesions), "series_uid": series_uid}
-            if i in split:
+            if lab:
                 pat = labeled.index(i) + 1
                 rows = writer.add_deeplesion(pat, split[i], ph)
                 info.update(layout="deeplesion", folder=f"{pat:06d}_01_01", split=split[i], dl_lesions=len(rows))
@@ -610,7 +624,9 @@ def generate_cohort(
     meta = {
         "generator": "dompre.data.synthetic", "seed": seed, "patients": patients, "layout": layout,
         "labeled_fraction": labeled_fraction, "quirk_rate": quirk_rate, "lesions": lesions,
-        "lesions_per_patient": list(lesions_per_patient), "matrix": matrix,
+        "lesions_per_patient": list(lesions_per_patient),
+        "labeled_lesions": list(labeled_lesions) if labeled_lesions else None, "labeled_coverage": labeled_coverage,
+        "matrix": matrix,
         "max_slices": max_slices,
         "counts": {"dicom_series": sum(s["layout"] == "dicom" for s in series),
                    "deeplesion_series": sum(s["layout"] == "deeplesion" for s in series),

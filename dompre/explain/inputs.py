@@ -116,8 +116,8 @@ def _store_item(store: Any, i: int, store_dir: str, label_names: Sequence[str]) 
         if np.isnan(truth).all():
             truth = None
     box = None
-    if "bbox" in getattr(store.meta, "columns", ()):
-        box = parse_box(store.meta["bbox"].iloc[i])
+    if hasattr(store, "item_meta"):  # one item's metadata, not the store's whole table
+        box = parse_box(store.item_meta(i).get("bbox"))
     return InputItem(f"{Path(store_dir).name}:{i}", image, truth, box)
 
 
@@ -160,10 +160,8 @@ def _image_file(path: Path, size: tuple[int, int]) -> np.ndarray:
 
 
 def _dicom_stack(series: Path, index: int) -> np.ndarray:
-    """Slices index-1..index+1 of a DICOM series, body-cropped (box of the whole volume), windowed and resized as
-    ingest does with the default ``PrepConfig``."""
-    from dataclasses import replace
-
+    """Slices index-1..index+1 of a DICOM series as ONE input, prepared as ingest prepares every input
+    (:func:`dompre.data.prep.prepare_stack` with the default ``PrepConfig``)."""
     from dompre.data import prep
     from dompre.data.dicom import read_series
 
@@ -171,14 +169,10 @@ def _dicom_stack(series: Path, index: int) -> np.ndarray:
     n = vol.hu.shape[0]
     if not 0 <= index < n:
         raise ValueError(f"{series}@{index}: slice index out of range; the series has slices 0..{n - 1}")
-    cfg = prep.PrepConfig()
-    body = prep.crop_body(vol.hu, cfg.body_threshold, cfg.crop_margin) if cfg.crop else vol.hu
-    sub = body[[max(0, index - 1), index, min(n - 1, index + 1)]]
-    stacks, _ = prep.prepare_volume(sub, vol.spacing, replace(cfg, crop=False, slice_interval=None),
-                                    window=vol.meta.get("window"))
-    if len(stacks) != 1:
-        raise ValueError(f"{series}@{index}: preparation gave {len(stacks)} stacks for 3 slices, expected 1")
-    return np.asarray(stacks[0], dtype=np.uint8)
+    rows = [max(0, index - 1), index, min(n - 1, index + 1)]
+    image, _ = prep.prepare_stack(np.asarray(vol.hu[rows], np.float32), prep.PrepConfig(),
+                                  window=vol.meta.get("window"))
+    return image
 
 
 def parse_inputs(specs: Sequence[str], label_names: Sequence[str], input_size: tuple[int, int] = (256, 256)

@@ -11,8 +11,9 @@ Blocks:
     * ``MixPool`` — a learned mix of max and average pooling (``a·max + (1−a)·avg``, ``a = sigmoid(w)``).
     * Dense blocks of 3 or 6 densely connected MAKConv layers, then a standard (1×1) convolution and CBAM;
       every convolution is followed by BatchNorm and Mish.
-    * Head: global concat pooling (average ‖ max), dropout, Linear, then the score propagation layer (SPL).
-      ``model(x)`` returns the logits after the SPL.
+    * Head: global concat pooling (average ‖ max; timm's ``fastcatavgmax``, the same outputs as ``catavgmax``
+      and scriptable), dropout, Linear, then the score propagation layer (SPL). ``model(x)`` returns the
+      logits after the SPL.
 
 Channel table (``maknet``; input 3×256×256, 115 classes; stem = 3×3/2 conv; every stage starts with MixPool /2;
 parameters per row include BatchNorm and CBAM):
@@ -25,7 +26,7 @@ parameters per row include BatchNorm and CBAM):
     1      32×32       3       64      3       64 + 3·64 = 256     1×1 → 128       133,861
     2      16×16       6       96      3       128 + 6·96 = 704    1×1 → 352     1,113,125
     3      8×8         6       128     3       352 + 6·128 = 1120  1×1 → 768     3,001,445
-    head   catavgmax 1536 → dropout → Linear(1536, 115) → SPL Linear(115, 115)     190,095
+    head   fastcatavgmax 1536 → dropout → Linear(1536, 115) → SPL Linear(115, 115)     190,095
     =====  ==========  ======  ======  ======  ==================  ===========  ==========
 
 Total 4,473,155 parameters for 115 classes (paper: 4.50M; 0.40× ResNet18's 11.24M with the same head) and
@@ -38,18 +39,25 @@ ResNet18 (wall-clock ratios swung from 0.6× to 1.8× with other users' load; no
 Input convention: the three channels are three consecutive CT slices (z−1, z, z+1), each HU-windowed to
 [0, 255] (default window [−1024, 3071] HU as LesaNet), scaled to [0, 1] and normalised with mean/std 0.5.
 """
-from __future__ import annotations
+# No `from __future__ import annotations`: TorchScript cannot resolve string annotations.
+import re
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
-from typing import Any, Dict, Optional, Sequence, Set, Tuple
-
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import BatchNormAct2d, ClassifierHead, ConvNormAct, DropPath
+
+TIMM_FLOOR = (1, 0, 31)  # as pyproject.toml: ClassifierHead.num_features, device/dtype on timm layers, get_model_args
+if tuple(int(v) for v in re.findall(r"\d+", timm.__version__)[:3]) < TIMM_FLOOR:
+    raise ImportError(f"dompre needs timm >= {'.'.join(map(str, TIMM_FLOOR))}, found timm {timm.__version__}; "
+                      f"run: pip install 'timm>={'.'.join(map(str, TIMM_FLOOR))}'")
+
+from timm.layers import BatchNormAct2d, ClassifierHead, ConvNormAct, DropPath, calculate_drop_path_rates
 from timm.layers.cbam import CbamModule
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
+from timm.models import (build_model_with_cfg, checkpoint, checkpoint_seq, clean_state_dict, generate_default_cfgs,
+                         register_model)
+from timm.models._features import feature_take_indices  # what every timm model uses; timm exports no public twin
 
 from dompre.models.heads import ScorePropagation
 
@@ -60,7 +68,8 @@ CT_STD = (0.5, 0.5, 0.5)
 CT_HU_WINDOW = (-1024.0, 3071.0)
 THREE_SLICE_NOTE = (
     "in_chans are three consecutive CT slices (z-1, z, z+1) of one series, each HU-windowed to [0, 255] "
-    "(hu_window, default [-1024, 3071] HU), resized to 256x256, then scaled to [0, 1] and normalised by mean/std"
+    "(hu_window; LesaNet's default [-1024, 3071] HU), resized to input_size, then scaled to [0, 1] and normalised "
+    "by mean/std"
 )
 
 # Stage spec: (num_layers, growth, out_chs, kernel_size)
@@ -176,14 +185,14 @@ class MAKStage(nn.Module):
 
 
 class MAKNet(nn.Module):
-    """MAKNet backbone + catavgmax classifier + score propagation layer, with the timm model interface.
+    """MAKNet backbone + concat avg‖max pooling classifier + score propagation layer, with the timm model interface.
 
     Args:
         stages: one ``(num_layers, growth, out_chs, kernel_size)`` per stage (each stage downsamples by 2).
         stem_chs: channels of the 3×3 stride-2 stem convolution.
         num_classes: number of labels (0: no classifier and no SPL; ``model(x)`` returns pooled features).
         in_chans: input channels (3 slices).
-        global_pool: timm pooling type for the head (default 'catavgmax').
+        global_pool: timm pooling type for the head (default 'fastcatavgmax': average ‖ max, scriptable).
         drop_rate: dropout before the classifier (the paper's student uses 0.5).
         drop_path_rate: stochastic depth over the dense layers, rising linearly to this value.
         fused_mak: run MAKConv as one padded k×k convolution (see ``MAKConv``): one bool, or one per stage.
@@ -194,8 +203,9 @@ class MAKNet(nn.Module):
     """
 
     def __init__(self, stages: Sequence[StageSpec], stem_chs: int = 32, num_classes: int = 115, in_chans: int = 3,
-                 global_pool: str = "catavgmax", drop_rate: float = 0., drop_path_rate: float = 0.,
-                 fused_mak: bool | Sequence[bool] = (True, True, False, False), device=None, dtype=None) -> None:
+                 global_pool: str = "fastcatavgmax", drop_rate: float = 0., drop_path_rate: float = 0.,
+                 fused_mak: Union[bool, Sequence[bool]] = (True, True, False, False), device=None,
+                 dtype=None) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         fused = [fused_mak] * len(stages) if isinstance(fused_mak, bool) else list(fused_mak)
@@ -205,7 +215,7 @@ class MAKNet(nn.Module):
         self.stem = ConvNormAct(in_chans, stem_chs, 3, stride=2, act_layer=nn.Mish, **dd)
         self.feature_info = [dict(num_chs=stem_chs, reduction=2, module="stem")]
         total_layers = sum(s[0] for s in stages)
-        dpr = torch.linspace(0, drop_path_rate, total_layers).tolist() if total_layers else []
+        dpr = calculate_drop_path_rates(drop_path_rate, total_layers) if total_layers else []  # CPU, also under meta
         blocks, prev, start = [], stem_chs, 0
         for i, spec in enumerate(stages):
             blocks.append(MAKStage(prev, tuple(spec), dpr[start:start + spec[0]], fused[i], **dd))
@@ -227,9 +237,15 @@ class MAKNet(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for layer decay: stem, then per stage (coarse) or per dense layer (fine).
+
+        Fine groups are numeric, as timm's grouping needs: ``(stage, 0)`` the MixPool gate, ``(stage, 1 + i)``
+        dense layer i, ``(stage, 99999)`` the transition and CBAM that close the stage.
+        """
         return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.block\.layers\.(\d+)", None),
-            (r"^stages\.(\d+)\.(transition|attn)", (99999,)),
+            (r"^stages\.(\d+)\.pool\.", (0,)),
+            (r"^stages\.(\d+)\.block\.layers\.(\d+)", (1,)),
+            (r"^stages\.(\d+)\.(?:transition|attn)\.", (99999,)),
         ])
 
     @torch.jit.ignore
@@ -241,17 +257,19 @@ class MAKNet(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the classifier and the SPL for ``num_classes`` labels (0 removes both)."""
+        """Replace the classifier and the SPL for ``num_classes`` labels (0 removes both), on the model's
+        device and dtype; ``global_pool`` None keeps the pooling, '' removes it."""
         self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-        self.head_hidden_size = self.head.in_features * self.head.global_pool.feat_mult()
         dd = dict(device=self.stem.conv.weight.device, dtype=self.stem.conv.weight.dtype)
+        self.head.reset(num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.head.in_features * self.head.global_pool.feat_mult()
         self.spl = ScorePropagation(num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.spl.train(self.training)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False):
+                              intermediates_only: bool = False
+                              ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """timm's intermediate-feature API: outputs of the stem (0) and stages (1–4) named by ``indices``."""
         if output_fmt != "NCHW":
             raise ValueError(f"MAKNet intermediates are NCHW only, got output_fmt={output_fmt!r}")
@@ -262,10 +280,25 @@ class MAKNet(nn.Module):
             feats.append(x)
         stages = self.stages[:max_index] if stop_early else self.stages
         for i, stage in enumerate(stages, start=1):
-            x = checkpoint_seq(stage, x) if self.grad_checkpointing else stage(x)
+            x = checkpoint(stage, x) if self.grad_checkpointing and not torch.jit.is_scripting() else stage(x)
             if i in take:
                 feats.append(x)
         return feats if intermediates_only else (x, feats)
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the stages after the last tap in ``indices`` (and the head and SPL when the features end earlier,
+        or with ``prune_head``); returns the kept tap indices. MAKNet has no final norm, ``prune_norm`` is moot."""
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
+        prune_end = max_index < len(self.feature_info) - 1
+        self.stages = self.stages[:max_index]  # tap 0 is the stem, tap i the output of stage i - 1
+        if prune_end:  # the head was sized for the last stage's features
+            self.num_features = self.feature_info[max_index]["num_chs"]
+            self.head.reset(0, pool_type="", in_features=self.num_features, device=self.stem.conv.weight.device,
+                            dtype=self.stem.conv.weight.dtype)
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -283,17 +316,12 @@ class MAKNet(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Unwrap ``{'state_dict'|'model': ...}`` and strip DDP ``module.`` / torch.compile ``_orig_mod.`` prefixes."""
+    """Unwrap ``{'state_dict'|'model': ...}`` and strip DDP ``module.`` / torch.compile ``_orig_mod.`` prefixes
+    (timm's ``clean_state_dict``)."""
     for key in ("state_dict", "model"):
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
-    out = {}
-    for k, v in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
+    return clean_state_dict(state_dict)
 
 
 def _create_maknet(variant: str, pretrained: bool = False, **kwargs: Any) -> MAKNet:
@@ -310,7 +338,7 @@ def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
         "url": url, "num_classes": 115, "input_size": (3, 256, 256), "pool_size": (8, 8),
         "crop_pct": 1.0, "interpolation": "bilinear", "mean": CT_MEAN, "std": CT_STD,
         "first_conv": "stem.conv", "classifier": ("head.fc", "spl"),
-        "paper_name": "Noisy Student domain pretraining for CT (MAKNet)", "license": "apache-2.0",
+        "paper_name": "Noisy Student domain pretraining for CT (MAKNet)", "license": "bsd-3-clause",
         "notes": (THREE_SLICE_NOTE, f"hu_window={list(CT_HU_WINDOW)}"),
         **kwargs,
     }

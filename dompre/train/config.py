@@ -53,6 +53,8 @@ class PseudoConfig:
     top_k: int = 15  # ... and it is among the top_k labels of the input
     val_thresholds: bool = False  # also require the teacher's per-label validation threshold (calibrated keep)
     soft: bool = False  # soft targets (teacher probabilities of kept labels) instead of hard 1/0
+    unkept: Literal["negative", "soft", "ignore"] = "negative"  # top-k labels not kept: 0 (paper), the teacher's
+    #   probability (distillation), or unknown (left out of the loss); labels outside the top-k are 0 in every mode
     balance: bool = False  # per-label balancing: sample inputs of rare pseudo-labels more often
     drop_empty: bool = True  # leave out inputs with no kept label (as Noisy Student drops low-confidence images)
     batch_size: int = 128  # inputs per forward pass while labeling
@@ -78,6 +80,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate mixed precision (GPU: bf16)
     channels_last: bool = False  # channels_last memory format (faster on GPU)
     num_workers: int = 2  # DataLoader workers per process
+    augment_on: Literal["cpu", "device"] = "cpu"  # student noise in the loader workers or on the accelerator
     torch_threads: int = 0  # intra-op CPU threads per process (0 = torch's default; 1 on a busy or tiny CPU box)
     checkpoint_every: int = 200  # save_state every N optimizer steps (and at every epoch end)
     log_every: int = 10  # log losses to the trackers every N steps
@@ -98,6 +101,21 @@ class DebugConfig:
 
 
 @dataclass(frozen=True)
+class PseudoPretrainConfig:
+    enabled: bool = False  # after the loop: train `arch` on the final pseudo-labels only, then export it
+    arch: str = "vgg16"  # any timm architecture (Virk & Bathula Table 3: VGG16)
+    epochs: int = 5  # passes over the pseudo-labeled inputs
+    batch_size: int = 64  # pseudo-labeled inputs per step and process
+    lr: float = 0.01  # peak learning rate (cosine decay)
+    warmup_epochs: float = 0.5  # linear warmup length in epochs
+    opt: str = "sgd"  # timm optimizer name
+    weight_decay: float = 5e-4
+    drop_rate: float = 0.0  # classifier dropout
+    noise: bool = False  # the students' input noise on the pseudo-labeled inputs
+    pretrained: bool = False  # start from timm's pretrained weights (must be cached)
+
+
+@dataclass(frozen=True)
 class PretrainRecipe:
     seed: int = 0  # one seed for everything (accelerate.utils.set_seed)
     output_dir: str = field(default="runs/pretrain", metadata=PATH)  # where the run writes (resumes if present)
@@ -110,6 +128,7 @@ class PretrainRecipe:
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     debug: DebugConfig = DebugConfig()
+    pseudo_pretrain: PseudoPretrainConfig = PseudoPretrainConfig()
 
 
 def check_recipe(recipe: PretrainRecipe, source: str = "recipe") -> None:

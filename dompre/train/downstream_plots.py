@@ -76,3 +76,28 @@ def plot_study(summary, metric: str, path: Path) -> Path:
     ax.set(xlabel="frozen layers (%)", ylabel=metric, title=f"{metric}: mean ± std over seeds")
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_tsne(panels: list[tuple[str, Path]], path: Path, seed: int = 0) -> Path:
+    """One t-SNE panel (``sklearn.manifold.TSNE``) per ``(title, features.npz)``, points coloured by class
+    (multi-label: the first positive label; none = grey)."""
+    from sklearn.manifold import TSNE
+    plt = _plt()
+    n = len(panels)
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (title, npz) in zip(axes.ravel(), panels):
+        with np.load(npz) as f:
+            x, y = f["features"].astype(np.float64), np.nan_to_num(f["labels"], nan=0.0)
+        colour = np.where(y.max(1) > 0, y.argmax(1), -1)
+        if len(x) >= 3:
+            emb = TSNE(2, perplexity=float(min(30, max(1, (len(x) - 1) / 3))), init="pca",
+                       random_state=seed).fit_transform(x)
+            ax.scatter(emb[:, 0], emb[:, 1], c=colour, cmap="tab20", s=8, vmin=-1, vmax=19)
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, Path(path))

@@ -6,9 +6,16 @@ initialisation, and which transfer strategy:
 - ``model.init``: ``random``; ``domain`` (a dompre export folder, loaded with
   ``timm.create_model('local-dir:DIR', pretrained=True, num_classes=K)``); ``file`` (any weights file, loaded through
   timm's ``pretrained_cfg_overlay=dict(file=...)`` so its checkpoint filters and ``in_chans`` adaptation apply, or
-  else as a safetensors / ``torch.load(weights_only=True)`` state dict, non-strictly, without the classifier).
+  else as a safetensors / ``torch.load(weights_only=True)`` state dict, non-strictly, without the classifier);
+  ``imagenet`` (timm ``pretrained=True``; stops at once when the weights are neither cached nor reachable);
+  ``meanvar`` (``model.weights``, or ImageNet when unset, then every layer redrawn with its mean and std). See
+  :mod:`dompre.train.transfer` for these and ``train.freeze_until``, ``train.head_l1`` / ``head_l2`` and the
+  convergence speed (``metrics.json`` ``convergence.best_epoch``: the epoch of the best validation score).
 - ``train.strategy``: ``finetune`` (gradient training, with ``train.freeze`` percent of the layers frozen) or
-  ``features`` (pooled features of the frozen model into scikit-learn logistic regression or linear SVM).
+  ``features`` (pooled features of the frozen model into scikit-learn logistic regression or linear SVM; layer,
+  pooling, scales and PCA / VLAD encoding: :mod:`dompre.train.features`).
+- LesaNet options: ``train.rhem`` (hard lesion-label pairs only), ``train.triplet_weight`` (triplet loss on the
+  lesion embeddings), ``train.box_augment`` (patch and box shifted, scaled and flipped together).
 - **Layers** (for ``freeze``): the parameterised modules (modules that own parameters directly), in registration
   order, of the backbone: for LesaNet its ``backbone``; for timm models every one registered before
   ``get_classifier()``. Freezing X% freezes the first ``floor(X / 100 × n_layers)`` of them (their parameters stop
@@ -63,13 +70,17 @@ class DataConfig:
     fold: int = 0
     split_seed: int = 0  # seed of the carved splits (kept fixed across a study's training seeds)
     num_workers: int = 0  # DataLoader workers
+    clahe: bool = False  # CLAHE on every image (OpenCV; colour images: on the L channel of Lab)
+    clahe_clip: float = 2.0  # CLAHE clip limit
+    clahe_tiles: int = 8  # CLAHE tiles per side
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "resnet18"  # timm architecture (LesaNet: its backbone); ignored for init=domain
     head: Literal["timm", "lesanet"] = "timm"  # lesanet = multi-scale RoI head + score propagation
-    init: Literal["random", "domain", "file"] = "random"
+    init: Literal["random", "domain", "file", "imagenet", "meanvar"] = "random"  # imagenet: timm pretrained=True;
+    #   meanvar: model.weights (or, unset, ImageNet) redrawn per layer with the same mean and std (Kierzynka)
     weights: str | None = field(default=None, metadata=PATH)  # export folder (domain) or weights file (file)
     drop_rate: float = 0.0  # dropout before the classifier
     n_models: int = 1  # ensemble size: outputs of n models averaged
@@ -79,7 +90,22 @@ class ModelConfig:
 class TrainConfig:
     strategy: Literal["finetune", "features"] = "finetune"
     freeze: float = 0.0  # percent of layers frozen from the bottom (0..100)
+    freeze_until: str = ""  # or: freeze every layer up to and including this module (e.g. features.denseblock2)
     classifier: Literal["logreg", "linear_svm"] = "logreg"  # strategy=features
+    feature_layer: str | int = ""  # strategy=features: module name or feature_info stage ("" = pre-logits)
+    feature_pool: Literal["avg", "max"] = "avg"  # global pooling of feature_layer's map
+    feature_scales: tuple[int, ...] = ()  # input sides, features of each concatenated (() = image_size)
+    feature_encoding: Literal["none", "pca", "vlad"] = "none"  # pca: to pca_dim; vlad: vlad_k k-means centres
+    pca_dim: int = 64
+    vlad_k: int = 16
+    save_features: bool = False  # write test-set features to features.npz (dompre study --tsne)
+    head_l1: float = 0.0  # L1 penalty on the classification block's parameters (Hicks et al.)
+    head_l2: float = 0.0  # L2 penalty on the classification block's parameters
+    rhem: bool = False  # LesaNet relational hard example mining: the hardest lesion-label pairs only
+    rhem_fraction: float = 0.5  # share of the batch's certain lesion-label pairs kept by RHEM
+    triplet_weight: float = 0.0  # LesaNet triplet loss on the lesion embeddings (0 = off)
+    triplet_margin: float = 0.1
+    box_augment: bool = False  # LesaNet: random shift/scale/flip of patch and lesion box together
     epochs: int = 10
     batch_size: int = 32
     opt: str = "adamw"  # any timm.optim.create_optimizer_v2 name (sgd, adamw, lookahead_radam, ...)
@@ -112,9 +138,9 @@ def load_finetune_recipe(path: str | Path | None, overrides: list[str] = ()) -> 
     t, m = recipe.train, recipe.model
     if not 0 <= t.freeze <= 100:
         raise ValueError(f"train.freeze={t.freeze}: a percentage of layers in 0..100")
-    if m.init != "random" and not m.weights:
+    if m.init in ("domain", "file") and not m.weights:
         raise ValueError(f"model.init={m.init} needs model.weights (an export folder or a weights file)")
-    if m.init != "random" and not Path(m.weights).exists():
+    if m.init in ("domain", "file", "meanvar") and m.weights and not Path(m.weights).exists():
         raise FileNotFoundError(f"model.weights {m.weights} does not exist; fix the path")
     if m.init == "domain" and not (Path(m.weights) / "config.json").is_file():
         raise FileNotFoundError(f"model.weights {m.weights}: no config.json; init=domain takes a `dompre export` "
@@ -125,6 +151,8 @@ def load_finetune_recipe(path: str | Path | None, overrides: list[str] = ()) -> 
         raise ValueError("train.strategy=features is for model.head=timm; LesaNet trains its RoI head")
     if m.n_models < 1:
         raise ValueError(f"model.n_models={m.n_models}: use 1 or more")
+    from dompre.train.transfer import check_options
+    check_options(recipe)
     return recipe
 
 
@@ -145,7 +173,8 @@ def _weights_state_dict(path: Path) -> dict:
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
-    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    from timm.models import clean_state_dict  # strips DDP `module.` / torch.compile `_orig_mod.` prefixes
+    return {k: v for k, v in clean_state_dict(sd).items() if isinstance(v, torch.Tensor)}
 
 
 def load_weights_file(model: nn.Module, path: str | Path) -> dict:
@@ -172,6 +201,15 @@ def build_model(recipe: FinetuneRecipe, num_classes: int) -> tuple[nn.Module, di
     import dompre  # noqa: F401  (registers MAKNet with timm)
     m, c = recipe.model, recipe.data.channels
     info: dict = {"init": m.init, "weights": m.weights or None}
+    if m.init == "meanvar":  # the source init, then every layer redrawn with its mean and std
+        import dataclasses
+
+        from dompre.train.transfer import meanvar_redraw
+        src = ("domain" if (Path(m.weights) / "config.json").is_file() else "file") if m.weights else "imagenet"
+        model, info = build_model(dataclasses.replace(recipe, model=dataclasses.replace(m, init=src)), num_classes)
+        info.update(init="meanvar", source=src,
+                    **meanvar_redraw(layer_list(model), int(torch.randint(0, 2 ** 31 - 1, (1,)))))
+        return model, info
     if m.init == "domain":
         cfg = json.loads((Path(m.weights) / "config.json").read_text())
         info["arch"] = cfg.get("architecture")
@@ -179,6 +217,10 @@ def build_model(recipe: FinetuneRecipe, num_classes: int) -> tuple[nn.Module, di
     elif m.init == "file":
         name, kw = m.arch, {"pretrained": True, "pretrained_cfg_overlay": dict(file=m.weights)}
         info["arch"] = m.arch
+    elif m.init == "imagenet":
+        from dompre.train.transfer import check_imagenet_weights
+        name, kw = m.arch, {"pretrained": True}
+        info.update(arch=m.arch, weights=check_imagenet_weights(m.arch))
     else:
         name, kw = m.arch, {"pretrained": False}
         info["arch"] = m.arch
@@ -218,10 +260,15 @@ def layer_list(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
-def freeze_layers(model: nn.Module, percent: float) -> dict:
-    """Freeze the bottom ``percent`` % of :func:`layer_list`; returns counts and the frozen module names."""
+def freeze_layers(model: nn.Module, percent: float, until: str = "") -> dict:
+    """Freeze the bottom ``percent`` % of :func:`layer_list` (or, with ``until``, every layer up to and including
+    that module: :func:`dompre.train.transfer.freeze_until`); returns counts and the frozen module names."""
     layers = layer_list(model)
-    n_frozen = math.floor(len(layers) * percent / 100 + 1e-9)
+    if until:
+        from dompre.train.transfer import freeze_until
+        n_frozen = len(freeze_until(model, until, layers))
+    else:
+        n_frozen = math.floor(len(layers) * percent / 100 + 1e-9)
     for _, mod in layers[:n_frozen]:
         for p in mod.parameters(recurse=False):
             p.requires_grad_(False)
@@ -265,17 +312,39 @@ class _View(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         item = self.ds[int(self.indices[i])]
-        if self.transform is not None:
+        if self.transform is not None and getattr(self.transform, "takes_box", False):
+            item["image"], item["box"] = self.transform(item["image"], item["box"])
+        elif self.transform is not None:
             item["image"] = self.transform(item["image"])
         return item
 
 
-def _forward(model: nn.Module, batch: dict, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def _forward(model: nn.Module, batch: dict, mean: torch.Tensor, std: torch.Tensor, embed: bool = False):
     x = (batch["image"].float() / 255 - mean.to(batch["image"].device)) / std.to(batch["image"].device)
+    if embed:  # LesaNet: (logits, lesion embeddings)
+        return model(x, batch["box"], return_embedding=True)
     return model(x, batch["box"]) if "box" in batch else model(x)
 
 
-def _loss_fn(task: str, train_labels: np.ndarray, class_weights: bool):
+def _step_loss(model: nn.Module, batch: dict, mean, std, loss_fn, t: TrainConfig) -> torch.Tensor:
+    """The training loss of one batch: task loss (+ triplet loss on embeddings) (+ classification-block penalty)."""
+    from dompre.train.transfer import classification_block, head_penalty
+    if t.triplet_weight:
+        from dompre.models.lesanet import label_triplet_loss
+        logits, emb = _forward(model, batch, mean, std, embed=True)
+        loss = loss_fn(logits.float(), batch["label"]) + t.triplet_weight * label_triplet_loss(
+            emb.float(), batch["label"], t.triplet_margin)
+    else:
+        loss = loss_fn(_forward(model, batch, mean, std).float(), batch["label"])
+    pen = head_penalty(classification_block(_unwrap(model)), t.head_l1, t.head_l2)
+    return loss if pen is None else loss + pen
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def _loss_fn(task: str, train_labels: np.ndarray, class_weights: bool, rhem: float = 0.0):
     from dompre.models.lesanet import label_weights, weighted_bce
     y = torch.from_numpy(train_labels)
     if task == "multiclass":
@@ -286,6 +355,8 @@ def _loss_fn(task: str, train_labels: np.ndarray, class_weights: bool):
         return lambda logits, labels: F.cross_entropy(logits, labels.argmax(1),
                                                       weight=None if w is None else w.to(logits))
     w_pos, w_neg = label_weights(y) if class_weights else (None, None)
+    if rhem:
+        return lambda logits, labels: weighted_bce(logits, labels, w_pos, w_neg, hard_fraction=rhem)
     return lambda logits, labels: weighted_bce(logits, labels, w_pos, w_neg)
 
 
@@ -315,12 +386,17 @@ def train_model(recipe: FinetuneRecipe, ds, splits: dict, seed: int, accelerator
     """Train one model with the finetune strategy; keep the epoch with the lowest val loss."""
     from accelerate.utils import set_seed, tqdm
     from timm.optim import create_optimizer_v2
+
+    from dompre.train.transfer import val_score
     t = recipe.train
     set_seed(seed)
     model, init_info = build_model(recipe, len(ds.label_names))
-    freeze_info = freeze_layers(model, t.freeze)
+    freeze_info = freeze_layers(model, t.freeze, t.freeze_until)
     mean, std = _norm_stats(model, recipe.data.channels)
     aug = _augment(recipe.data.image_size) if t.augment and recipe.model.head != "lesanet" else None
+    if t.box_augment:
+        from dompre.data.downstream import BoxAugment
+        aug = BoxAugment()
     gen = torch.Generator().manual_seed(seed)
     train_set = _View(ds, splits["train"], aug)
     mk = (lambda idx, bs, shuffle: torch.utils.data.DataLoader(
@@ -334,6 +410,7 @@ def train_model(recipe: FinetuneRecipe, ds, splits: dict, seed: int, accelerator
              torch.optim.lr_scheduler.MultiStepLR(opt, list(t.step_epochs), t.gamma) if t.sched == "step" else None)
     model, opt, train_dl, val_dl = accelerator.prepare(model, opt, train_dl, val_dl)
     loss_fn = _loss_fn(ds.task, ds.labels[splits["train"]], t.class_weights)
+    train_loss_fn = _loss_fn(ds.task, ds.labels[splits["train"]], t.class_weights, t.rhem_fraction if t.rhem else 0)
     history, best, best_loss = [], None, math.inf
     for epoch in range(t.epochs):
         _set_train(model)
@@ -341,7 +418,7 @@ def train_model(recipe: FinetuneRecipe, ds, splits: dict, seed: int, accelerator
         for step, batch in enumerate(tqdm(train_dl, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False, disable=not t.progress)):
             if t.max_steps_per_epoch and step >= t.max_steps_per_epoch:
                 break
-            loss = loss_fn(_forward(model, batch, mean, std).float(), batch["label"])
+            loss = _step_loss(model, batch, mean, std, train_loss_fn, t)
             accelerator.backward(loss)
             opt.step()
             opt.zero_grad()
@@ -351,6 +428,7 @@ def train_model(recipe: FinetuneRecipe, ds, splits: dict, seed: int, accelerator
         val = predict(model, val_dl, accelerator, mean, std, ds.task, loss_fn) if len(splits["val"]) else None
         val_loss = val["loss"] if val else total / max(n, 1)
         history.append({"epoch": epoch + 1, "train_loss": total / max(n, 1), "val_loss": val_loss,
+                        "val_score": val_score(ds.task, val["scores"], val["labels"]) if val else float("nan"),
                         "lr": opt.param_groups[0]["lr"]})
         if val_loss <= best_loss or best is None:
             best_loss, best = val_loss, copy.deepcopy(accelerator.unwrap_model(model).state_dict())
@@ -360,82 +438,53 @@ def train_model(recipe: FinetuneRecipe, ds, splits: dict, seed: int, accelerator
 
 
 # ------------------------------------------------------------------------------------ feature extraction
-@torch.no_grad()
-def extract_features(model: nn.Module, loader, mean, std) -> tuple[np.ndarray, np.ndarray, float]:
-    """Pooled pre-logits features (N, D), labels (N, L) and forward seconds."""
-    model.eval()
-    feats, labels, seconds = [], [], 0.0
-    device = next(model.parameters()).device
-    for batch in loader:
-        t0 = time.perf_counter()
-        x = (batch["image"].to(device).float() / 255 - mean.to(device)) / std.to(device)
-        feats.append(model.forward_head(model.forward_features(x), pre_logits=True).flatten(1).cpu().numpy())
-        seconds += time.perf_counter() - t0
-        labels.append(batch["label"].numpy())
-    return np.concatenate(feats), np.concatenate(labels), seconds
-
-
-def _fit_linear(kind: str, x: np.ndarray, y: np.ndarray, balanced: bool, seed: int):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import LinearSVC
-    cw = "balanced" if balanced else None
-    clf = (LogisticRegression(max_iter=2000, class_weight=cw, random_state=seed) if kind == "logreg"
-           else LinearSVC(class_weight=cw, random_state=seed))
-    return make_pipeline(StandardScaler(), clf).fit(x, y)
-
-
-def _linear_scores(clf, x: np.ndarray, n_classes: int) -> np.ndarray:
-    """Class probabilities (logreg) or softmax of decision values (SVM) in columns 0..K-1."""
-    classes = clf.classes_
-    if hasattr(clf, "predict_proba") and hasattr(clf[-1], "predict_proba"):
-        s = clf.predict_proba(x)
-    else:
-        d = clf.decision_function(x)
-        d = np.stack([-d, d], 1) if d.ndim == 1 else d
-        s = np.exp(d - d.max(1, keepdims=True))
-        s /= s.sum(1, keepdims=True)
-    out = np.zeros((len(x), n_classes))
-    out[:, classes] = s
-    return out
-
-
 def run_features(recipe: FinetuneRecipe, ds, splits: dict) -> dict:
-    """Feature-extraction strategy: frozen model features into a scikit-learn linear classifier."""
+    """Feature-extraction strategy: frozen model features (:mod:`dompre.train.features`) into a scikit-learn
+    linear classifier."""
     from accelerate.utils import set_seed
+
+    from dompre.train.features import extract, fit_encoding, fit_linear, linear_scores
     set_seed(recipe.seed)
     model, init_info = build_model(recipe, len(ds.label_names))
     mean, std = _norm_stats(model, recipe.data.channels)
     dl = (lambda idx: torch.utils.data.DataLoader(_View(ds, idx), batch_size=recipe.train.eval_batch_size,
                                                   num_workers=recipe.data.num_workers))
-    out = {}
-    for name in ("train", "val", "test"):
-        out[name] = extract_features(model, dl(splits[name]), mean, std)
+    t, out = recipe.train, {}
+    kw = dict(layer=str(t.feature_layer), pool=t.feature_pool, scales=t.feature_scales, seed=recipe.seed)
+    if t.feature_encoding == "vlad":  # k-means on a sample of the train descriptors, then VLAD batch by batch
+        per_image = max(1, math.ceil(100_000 / max(1, len(splits["train"]))))
+        sample = extract(model, dl(splits["train"]), mean, std, local=True, keep=per_image, **kw)[0]
+        encode = fit_encoding(sample, "vlad", vlad_k=t.vlad_k, seed=recipe.seed)
+        out = {name: extract(model, dl(splits[name]), mean, std, local=True, encode=encode, **kw)
+               for name in ("train", "val", "test")}
+    else:
+        out = {name: extract(model, dl(splits[name]), mean, std, **kw) for name in ("train", "val", "test")}
+        encode = fit_encoding(out["train"][0], t.feature_encoding, pca_dim=t.pca_dim, seed=recipe.seed)
+        out = {name: (encode(f), y, sec) for name, (f, y, sec) in out.items()}
     (xtr, ytr, _), k = out["train"], len(ds.label_names)
     scores = {s: np.zeros((len(out[s][0]), k)) for s in ("val", "test")}
     if ds.task == "multiclass":
-        clf = _fit_linear(recipe.train.classifier, xtr, ytr.argmax(1), recipe.train.class_weights, recipe.seed)
-        scores = {s: _linear_scores(clf, out[s][0], k) for s in scores}
+        clf = fit_linear(recipe.train.classifier, xtr, ytr.argmax(1), recipe.train.class_weights, recipe.seed)
+        scores = {s: linear_scores(clf, out[s][0], k) for s in scores}
     else:
         for j in range(k):
             known = ~np.isnan(ytr[:, j])
             yj = ytr[known, j].astype(int)
-            clf = (_fit_linear(recipe.train.classifier, xtr[known], yj, recipe.train.class_weights, recipe.seed)
+            clf = (fit_linear(recipe.train.classifier, xtr[known], yj, recipe.train.class_weights, recipe.seed)
                    if len(np.unique(yj)) == 2 else None)
             for s in scores:  # a label with one class only gets a constant score at its prior
-                scores[s][:, j] = (_linear_scores(clf, out[s][0], 2)[:, 1] if clf is not None
+                scores[s][:, j] = (linear_scores(clf, out[s][0], 2)[:, 1] if clf is not None
                                    else (yj.mean() if len(yj) else 0.0))
     return {"val": {"scores": scores["val"], "labels": out["val"][1]},
             "test": {"scores": scores["test"], "labels": out["test"][1], "seconds": out["test"][2],
-                     "index": np.asarray(splits["test"])},
+                     "index": np.asarray(splits["test"]), "features": out["test"][0]},
             "init": init_info, "feature_dim": int(xtr.shape[1]), "history": []}
 
 
 # ------------------------------------------------------------------------------------------ evaluation
 def evaluate(task: str, val: dict, test: dict, label_names: list[str], parents=None) -> dict:
     """Metrics of test scores: LesaNet protocol (thresholds from val) or the single-label report."""
-    from dompre.train.metrics import choose_thresholds, classification_report, lesanet_eval
+    from dompre.train.metrics import auc_micro, choose_thresholds, classification_report, lesanet_eval
     if task == "multilabel":
         ths = (choose_thresholds(val["scores"], val["labels"]) if len(val["scores"])
                else np.full(len(label_names), 0.5))
@@ -449,6 +498,7 @@ def evaluate(task: str, val: dict, test: dict, label_names: list[str], parents=N
         table.index = label_names
         res["confusion_matrix"] = np.asarray(res["confusion_matrix"]).tolist()
         res.pop("labels")
+    res["auc_micro"] = auc_micro(test["scores"], test["labels"])
     return {"metrics": {k: v for k, v in res.items()}, "table": table}
 
 
@@ -468,6 +518,9 @@ def prepare_data(recipe: FinetuneRecipe):
     elif recipe.model.head == "lesanet":
         raise ValueError(f"model.head=lesanet needs lesion boxes: use data.kind lesanet or deeplesion_type, "
                          f"not {d.kind}")
+    if d.clahe:
+        from dompre.data.downstream import Clahe
+        kw["transform"] = Clahe(d.clahe_clip, d.clahe_tiles, color=d.kind == "kvasir")
     ds = build_dataset(d.kind, d.root, **kw)
     splits = make_splits(ds, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed,
                          folds=d.folds, fold=d.fold, min_val=d.min_val)
@@ -476,6 +529,20 @@ def prepare_data(recipe: FinetuneRecipe):
             raise ValueError(f"{d.root}: the {name} split is empty ({len(ds)} usable samples); add data or "
                              f"change data.test_fraction / data.val_fraction")
     return ds, splits
+
+
+@torch.no_grad()
+def _embeddings(model: nn.Module, loader, mean, std) -> np.ndarray:
+    """Pre-logits features (N, D) of ``loader`` (LesaNet: its concatenated RoI features)."""
+    model.eval()
+    out = []
+    for batch in loader:
+        x = (batch["image"].float() / 255 - mean.to(batch["image"].device)) / std.to(batch["image"].device)
+        m = _unwrap(model)
+        f = (m.forward_features(x, batch["box"]) if "box" in batch
+             else m.forward_head(m.forward_features(x), pre_logits=True))
+        out.append(f.flatten(1).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 def run_finetune(recipe: FinetuneRecipe, out_dir: str | Path | None = None) -> dict:
@@ -489,7 +556,6 @@ def run_finetune(recipe: FinetuneRecipe, out_dir: str | Path | None = None) -> d
     (out / "metrics.json").unlink(missing_ok=True)  # results of an earlier recipe must not outlive a rerun
     save_recipe(recipe, out / "recipe.yaml")
     ds, splits = prepare_data(recipe)
-    k = len(ds.label_names)
     if recipe.train.strategy == "features":
         res = run_features(recipe, ds, splits)
         val, test, histories, extra = res["val"], res["test"], [], {"feature_dim": res["feature_dim"]}
@@ -508,6 +574,8 @@ def run_finetune(recipe: FinetuneRecipe, out_dir: str | Path | None = None) -> d
         seconds = sum(p[1]["seconds"] for p in preds)
         histories = [r["history"] for r in runs]
         init_info, freeze_info, extra = runs[0]["init"], runs[0]["freeze"], {}
+        if recipe.train.save_features:
+            test["features"] = _embeddings(runs[0]["model"], test_dl, runs[0]["mean"], runs[0]["std"])
         if recipe.train.save_models and accelerator.is_main_process:
             for m, r in enumerate(runs):
                 sd = {n: t.detach().cpu().contiguous() for n, t in accelerator.unwrap_model(r["model"]).state_dict().items()}
@@ -519,6 +587,17 @@ def run_finetune(recipe: FinetuneRecipe, out_dir: str | Path | None = None) -> d
         parents = load_ontology(recipe.data.ontology).parent_indices(ds.label_names)
     ev = evaluate(ds.task, val, test, ds.label_names, parents=parents)
     n_test = len(test["scores"])
+    from dompre.train.transfer import convergence
+    conv = [convergence(h) for h in histories]
+    if conv:
+        extra["convergence"] = {"best_epoch": float(np.mean([c["best_epoch"] for c in conv])),
+                                "best_val_score": float(np.mean([c["best_val_score"] for c in conv])),
+                                "per_model": conv}
+    if recipe.train.save_features and "features" in test:
+        import io
+        buf = io.BytesIO()
+        np.savez(buf, features=np.asarray(test["features"], np.float32), labels=test["labels"])
+        write_atomic(out / "features.npz", buf.getvalue())
     result = {"task": ds.task, "dataset": recipe.data.kind, "label_names": ds.label_names,
               "n": {s: int(len(v)) for s, v in splits.items()}, "skipped": len(ds.skipped),
               "init": init_info, "strategy": recipe.train.strategy, "freeze_percent": recipe.train.freeze,

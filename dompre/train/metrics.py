@@ -203,3 +203,19 @@ def classification_report(y_true: Sequence, y_pred: Sequence, y_score: np.ndarra
         "confusion_matrix": skm.confusion_matrix(y_true, y_pred, labels=labels),
         "labels": labels,
     }
+
+
+def auc_micro(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Micro-averaged ROC AUC: one ROC over every certain (sample, label) element of the (n, L) matrices.
+
+    For a single-label task pass one-hot labels and the class probabilities (Kierzynka 2019's AUC-ROC
+    micro-average). NaN labels are left out; NaN when no positive or no negative element remains.
+    """
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, np.float64)
+    if scores.shape != labels.shape:
+        raise ValueError(f"auc_micro: scores {scores.shape} and labels {labels.shape} must have the same shape")
+    certain = ~np.isnan(labels)
+    y, s = labels[certain], scores[certain]
+    if not (y == 1).any() or not (y == 0).any():
+        return float("nan")
+    return float(skm.roc_auc_score(y, s))

@@ -83,20 +83,20 @@ def dense_targets(idx: np.ndarray, prob: np.ndarray, kept: np.ndarray, num_label
     return out
 
 
-def balance_weights(kept_idx: list[np.ndarray], num_labels: int) -> np.ndarray:
+def balance_weights(idx: np.ndarray, kept: np.ndarray, num_labels: int) -> np.ndarray:
     """Per-input sampling weights that even out pseudo-label counts (Noisy Student's class balancing).
 
-    An input's weight is the mean over its kept labels of ``median_count / count(label)``, clipped to [0.1, 10];
-    inputs with no kept label get weight 1.
+    ``idx`` (N, K) are the inputs' top-k label indices and ``kept`` (N, K) which of them are kept. An input's
+    weight is the mean over its kept labels of ``median_count / count(label)``, clipped to [0.1, 10]; inputs
+    with no kept label get weight 1. Vectorised: a few passes over the (N, K) arrays, no loop over inputs.
     """
-    counts = np.zeros(num_labels, dtype=np.float64)
-    for labels in kept_idx:
-        counts[labels] += 1
+    idx = np.asarray(idx).astype(np.int64, copy=False)
+    kept = np.asarray(kept, dtype=bool)
+    counts = np.bincount(idx[kept], minlength=num_labels).astype(np.float64)
     ref = np.median(counts[counts > 0]) if (counts > 0).any() else 1.0
-    w = np.ones(len(kept_idx), dtype=np.float64)
-    for i, labels in enumerate(kept_idx):
-        if len(labels):
-            w[i] = np.mean(ref / counts[labels])
+    ratio = np.divide(ref, counts[idx], out=np.zeros(idx.shape), where=kept)
+    n_kept = kept.sum(1)
+    w = np.divide(ratio.sum(1), n_kept, out=np.ones(len(idx)), where=n_kept > 0)
     return np.clip(w, 0.1, 10.0)
 
 

@@ -6,7 +6,10 @@ so an interrupted study resumes). The data split is the same for every run (``da
 training seed changes, so the spread across seeds is the training noise.
 
 Outputs in ``OUT``: ``runs.csv`` (one row per run), ``summary.csv`` and ``summary.md`` (mean ± std per cell, n),
-``comparisons.csv`` and ``study.png`` (metric against freeze %, one line per init).
+``comparisons.csv`` and ``study.png`` (metric against freeze %, one line per init), ``convergence.csv``
+(convergence speed: mean epoch of the best validation score per cell, and the speed-up of each init over the
+first one, ``baseline mean epoch / mean epoch``), and with ``tsne`` ``tsne.png`` (t-SNE of the test-set features
+of the first seed, one panel per init and freeze level, coloured by class).
 
 **Rule for "larger than the seed-to-seed spread"**: two cells that differ in one factor only (init at the same
 strategy and freeze, or freeze at the same init and strategy) are compared with Welch's two-sided t-test on their
@@ -33,10 +36,11 @@ log = logging.getLogger(__name__)
 
 
 def _cell_recipe(recipe: FinetuneRecipe, init: str, strategy: str, freeze: float, seed: int,
-                 weights: str | None) -> FinetuneRecipe:
+                 weights: str | None, tsne: bool = False) -> FinetuneRecipe:
     model = dataclasses.replace(recipe.model, init=init, weights=(weights or recipe.model.weights)
-                                if init != "random" else recipe.model.weights)
-    train = dataclasses.replace(recipe.train, strategy=strategy, freeze=float(freeze))
+                                if init not in ("random", "imagenet") else recipe.model.weights)
+    train = dataclasses.replace(recipe.train, strategy=strategy, freeze=float(freeze),
+                                save_features=recipe.train.save_features or tsne)
     return dataclasses.replace(recipe, model=model, train=train, seed=seed)
 
 
@@ -67,6 +71,17 @@ def compare_cells(runs: pd.DataFrame, metric: str, alpha: float = 0.05) -> pd.Da
     return pd.DataFrame(rows, columns=["factor", "a", "b", "mean_a", "mean_b", "diff", "p_welch", "significant"])
 
 
+def convergence_table(runs: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Mean and std of ``best_epoch`` per cell, and ``speedup`` = baseline init's mean / this cell's mean (same
+    strategy and freeze; NaN without a baseline cell)."""
+    g = runs.groupby(["strategy", "freeze", "init"])["best_epoch"]
+    out = pd.DataFrame({"mean_best_epoch": g.mean(), "std_best_epoch": g.std(ddof=1), "n": g.count()}).reset_index()
+    base = out[out["init"] == baseline].set_index(["strategy", "freeze"])["mean_best_epoch"]
+    ref = [base.get((r.strategy, r.freeze), np.nan) for r in out.itertuples()]
+    out["speedup_vs_" + baseline] = np.asarray(ref, float) / out["mean_best_epoch"].to_numpy(float)
+    return out
+
+
 def summarize(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Mean, std (ddof 1), sem and n of ``metric`` per (init, strategy, freeze) cell."""
     g = runs.groupby(["init", "strategy", "freeze"])[metric]
@@ -94,6 +109,14 @@ def to_markdown(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, a
     return "\n".join(lines) + "\n"
 
 
+def _convergence_markdown(conv: pd.DataFrame, baseline: str) -> str:
+    col = "speedup_vs_" + baseline
+    lines = ["", f"Convergence: epoch of the best validation score, mean over seeds (speed-up over {baseline}):", ""]
+    lines += [f"- {r.init} / {r.strategy} / freeze {r.freeze:g}%: epoch {r.mean_best_epoch:.2f} "
+              f"(speed-up {getattr(r, col):.2f}x)" for r in conv.itertuples() if not np.isnan(r.mean_best_epoch)]
+    return "\n".join(lines) + "\n"
+
+
 def _finished(run_dir: Path, cell: FinetuneRecipe) -> bool:
     """A run folder holds finished results of exactly this recipe (a changed recipe or dataset is rerun)."""
     saved = run_dir / "recipe.yaml"
@@ -103,12 +126,14 @@ def _finished(run_dir: Path, cell: FinetuneRecipe) -> bool:
 
 def run_study(recipe: FinetuneRecipe | str | Path, *, inits=("random", "domain"), freezes=(0.0,), seeds: int = 3,
               strategies: tuple[str, ...] | None = None, metric: str | None = None, weights: str | None = None,
-              out_dir: str | Path | None = None, overrides: tuple[str, ...] = (), alpha: float = 0.05) -> dict:
+              out_dir: str | Path | None = None, overrides: tuple[str, ...] = (), alpha: float = 0.05,
+              tsne: bool = False) -> dict:
     """Run the grid and write the study outputs.
 
     Args:
         recipe: a recipe or its YAML path (``overrides`` apply to a path).
-        inits: initialisations to compare (``random``, ``domain``, ``file``).
+        inits: initialisations to compare (``random``, ``domain``, ``file``, ``imagenet``, ``meanvar``); the first
+            is the baseline of the convergence speed-up.
         freezes: percents of frozen layers (strategy ``features`` runs once, recorded as freeze 100).
         seeds: training seeds per cell (``recipe.seed`` .. ``recipe.seed + seeds - 1``).
         strategies: ``finetune`` and/or ``features`` (default: the recipe's).
@@ -116,6 +141,7 @@ def run_study(recipe: FinetuneRecipe | str | Path, *, inits=("random", "domain")
         weights: export folder / weights file for the non-random inits (default: ``model.weights``).
         out_dir: study folder (default: ``<recipe.out_dir>/study``).
         alpha: significance level of the Welch test.
+        tsne: save test-set features in every run and plot their t-SNE per init and freeze level.
 
     Returns:
         dict with ``runs``, ``summary``, ``comparisons`` (lists of records), ``metric``, ``markdown`` and ``out_dir``.
@@ -124,6 +150,9 @@ def run_study(recipe: FinetuneRecipe | str | Path, *, inits=("random", "domain")
         recipe = load_finetune_recipe(recipe, list(overrides))
     if seeds < 1:
         raise ValueError(f"seeds={seeds}: use 1 or more (2 or more to compare against the spread)")
+    if "imagenet" in inits or ("meanvar" in inits and not (weights or recipe.model.weights)):
+        from dompre.train.transfer import check_imagenet_weights
+        check_imagenet_weights(recipe.model.arch)  # before any cell runs, not at the first ImageNet cell
     out = Path(out_dir or Path(recipe.out_dir) / "study")
     out.mkdir(parents=True, exist_ok=True)
     strategies = tuple(strategies or (recipe.train.strategy,))
@@ -131,8 +160,8 @@ def run_study(recipe: FinetuneRecipe | str | Path, *, inits=("random", "domain")
     for init, strategy in itertools.product(inits, strategies):
         for freeze in ((100.0,) if strategy == "features" else freezes):
             for s in range(seeds):
-                cell = _cell_recipe(recipe, init, strategy, freeze, recipe.seed + s, weights)
-                if init != "random" and not cell.model.weights:
+                cell = _cell_recipe(recipe, init, strategy, freeze, recipe.seed + s, weights, tsne)
+                if init in ("domain", "file") and not cell.model.weights:
                     raise ValueError(f"init={init} needs weights: pass --weights or set model.weights in the recipe")
                 run_dir = out / f"{init}_{strategy}_f{freeze:g}_s{cell.seed}"
                 done = run_dir / "metrics.json"
@@ -140,21 +169,30 @@ def run_study(recipe: FinetuneRecipe | str | Path, *, inits=("random", "domain")
                 metric = metric or ("auc" if res["task"] == "multilabel" else "mcc")
                 rows.append({"init": init, "strategy": strategy, "freeze": float(freeze), "seed": cell.seed,
                              **{k: v for k, v in res["test"].items() if isinstance(v, (int, float))},
-                             "fps": res["fps"], "run_dir": str(run_dir)})
+                             "fps": res["fps"], "best_epoch": res.get("convergence", {}).get("best_epoch", np.nan),
+                             "run_dir": str(run_dir)})
     runs = pd.DataFrame(rows)
     if metric not in runs:
         raise KeyError(f"metric {metric!r} is not among the run metrics {sorted(runs.columns)}")
     summary = summarize(runs, metric)
     comparisons = compare_cells(runs, metric, alpha)
-    markdown = to_markdown(summary, comparisons, metric, alpha)
-    for name, df in (("runs.csv", runs), ("summary.csv", summary), ("comparisons.csv", comparisons)):
+    conv = convergence_table(runs, inits[0])
+    markdown = to_markdown(summary, comparisons, metric, alpha) + _convergence_markdown(conv, inits[0])
+    for name, df in (("runs.csv", runs), ("summary.csv", summary), ("comparisons.csv", comparisons),
+                     ("convergence.csv", conv)):
         df.to_csv(out / (name + ".tmp"), index=False)
         os.replace(out / (name + ".tmp"), out / name)
     (out / "summary.md.tmp").write_text(markdown)
     os.replace(out / "summary.md.tmp", out / "summary.md")
     from dompre.train.downstream_plots import plot_study
     plot_study(summary, metric, out / "study.png")
+    if tsne:
+        from dompre.train.downstream_plots import plot_tsne
+        first = runs[runs["seed"] == recipe.seed]
+        plot_tsne([(f"{r.init} / {r.strategy} / freeze {r.freeze:g}%", Path(r.run_dir) / "features.npz")
+                   for r in first.itertuples()], out / "tsne.png", seed=recipe.seed)
     return {"runs": runs.to_dict("records"), "summary": summary.to_dict("records"),
+            "convergence": conv.to_dict("records"),
             "comparisons": comparisons.to_dict("records"), "metric": metric, "markdown": markdown,
             "out_dir": str(out)}
 

@@ -64,7 +64,7 @@ def train_stage(accelerator, *, model: torch.nn.Module, loss_fn: torch.nn.Module
     if steps == 0:
         raise ValueError(f"{stage}: no training batch; the labeled training set is smaller than the batch size")
     scheduler = create_scheduler(optimizer, epochs * steps, int(warmup_epochs * steps))
-    task = NoisyStudentTask(model, loss_fn.to(accelerator.device), prep, pseudo_weight)
+    task = NoisyStudentTask(model, loss_fn.to(accelerator.device), prep, pseudo_weight, noise=data.noise)
 
     def step_fn(labeled: dict, pseudo: dict | None = None) -> dict:
         return task(labeled, pseudo)

@@ -1,0 +1,200 @@
+"""Transfer options around the fine-tuning loop: ImageNet and mean/variance inits, a named freezing cut-off,
+classification-block regularisation and convergence speed.
+
+- :func:`check_imagenet_weights`: ``model.init=imagenet`` loads timm's pretrained weights (``pretrained=True``).
+  Before anything is built, the weights must be in the local cache (Hugging Face hub or torch hub) or the hub
+  must be reachable; otherwise it stops at once with one line that says how to get them (or to use
+  ``init=file``), instead of timm's minute of retries.
+- :func:`meanvar_redraw`: ``model.init=meanvar`` (Kierzynka 2019's control for the "feature-independent benefit of
+  transfer"): every parameter tensor of every layer is redrawn from a normal distribution with the mean and
+  standard deviation of the pretrained tensor; the scaling of each layer is kept, its features are destroyed.
+- :func:`freeze_until`: ``train.freeze_until=<module name>`` (Boit et al.) freezes every parameterised layer
+  registered up to and including that module and its children.
+- :func:`head_penalty`: ``train.head_l1`` / ``train.head_l2`` (Hicks et al. 2018): ``l1 Σ|w| + l2 Σ w²`` over the
+  classification block's parameters, added to the training loss.
+- :func:`convergence`: the epoch of the best validation score of a run's history.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+if TYPE_CHECKING:
+    from dompre.train.finetune import FinetuneRecipe
+
+
+# ------------------------------------------------------------------------------------------ imagenet init
+def _cached_weights(cfg: dict) -> str | None:
+    """Path of the cached pretrained weights of a timm pretrained cfg, or None."""
+    hub_id = cfg.get("hf_hub_id")
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+        names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else [
+            "model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for name in names:
+            hit = try_to_load_from_cache(hub_id, name)
+            if isinstance(hit, str):
+                return hit
+    url = cfg.get("url")
+    if url:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url.split("?")[0])
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_imagenet_weights(arch: str) -> str:
+    """Where timm will load ``arch``'s pretrained weights from (``cache:PATH`` or ``download``).
+
+    Raises:
+        FileNotFoundError: ``arch`` has no pretrained weights in timm, or they are not cached and the hub cannot be
+            reached (one line: how to fetch them, or use ``model.init=file``).
+    """
+    import timm
+
+    import dompre  # noqa: F401
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise FileNotFoundError(f"model.init=imagenet: timm has no pretrained weights for model.arch={arch!r}; "
+                                f"use model.init=file model.weights=FILE or an architecture with weights")
+    cfg = cfg.to_dict()
+    hit = _cached_weights(cfg)
+    if hit:
+        return f"cache:{hit}"
+    if _hub_reachable():
+        return "download"
+    where = cfg.get("hf_hub_id") or cfg.get("url")
+    raise FileNotFoundError(
+        f"model.init=imagenet: the pretrained weights of {arch} ({where}) are not in the local cache and the hub "
+        f"cannot be reached; fetch them once on a machine online (python -c \"import timm; timm.create_model("
+        f"'{arch}', pretrained=True)\") and copy the cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}), "
+        f"or use model.init=file model.weights=FILE")
+
+
+def check_options(recipe: "FinetuneRecipe") -> None:
+    """Stop at once on options that cannot work together (and on ImageNet weights that cannot be had)."""
+    t, m = recipe.train, recipe.model
+    if t.freeze_until and t.freeze:
+        raise ValueError(f"train.freeze_until={t.freeze_until!r} and train.freeze={t.freeze:g}: set one of them")
+    if t.head_l1 < 0 or t.head_l2 < 0:
+        raise ValueError("train.head_l1 / train.head_l2 must be >= 0")
+    if (t.rhem or t.triplet_weight or t.box_augment) and m.head != "lesanet":
+        raise ValueError("train.rhem, train.triplet_weight and train.box_augment are LesaNet options: set "
+                         "model.head=lesanet (with data.kind lesanet)")
+    if t.rhem and recipe.data.kind != "lesanet":
+        raise ValueError(f"train.rhem mines lesion-label pairs of a multi-label task: use data.kind=lesanet, "
+                         f"not {recipe.data.kind}")
+    if not 0 < t.rhem_fraction <= 1:
+        raise ValueError(f"train.rhem_fraction={t.rhem_fraction}: a share in (0, 1]")
+    if any(s < 8 for s in t.feature_scales):
+        raise ValueError(f"train.feature_scales={list(t.feature_scales)}: input sides in pixels (>= 8)")
+    if m.init == "imagenet" or (m.init == "meanvar" and not m.weights):
+        check_imagenet_weights(m.arch)
+
+
+# ------------------------------------------------------------------------------------------ meanvar init
+@torch.no_grad()
+def meanvar_redraw(layers: list[tuple[str, nn.Module]], seed: int) -> dict:
+    """Redraw every parameter tensor of ``layers`` as N(mean, std) of its current (pretrained) values.
+
+    Tensors of one element keep their value. Returns the number of tensors and values redrawn.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    tensors = values = 0
+    for _, mod in layers:
+        for p in mod.parameters(recurse=False):
+            if p.numel() < 2:
+                continue
+            mean, std = p.float().mean(), p.float().std()
+            draw = torch.randn(p.shape, generator=gen) * std + mean
+            p.copy_(draw.to(p))
+            tensors, values = tensors + 1, values + p.numel()
+    return {"redrawn_tensors": tensors, "redrawn_values": values}
+
+
+# ------------------------------------------------------------------------------------------ freezing
+def freeze_until(model: nn.Module, name: str, layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The layers of ``layers`` (bottom first) registered up to and including module ``name`` and its children.
+
+    ``name`` is a ``model.named_modules()`` name (for LesaNet, of the whole model, e.g.
+    ``backbone.features_denseblock2``). Raises KeyError listing valid names when ``name`` is not a module of the
+    freezable part (below the classifier).
+    """
+    names = [n for n, _ in model.named_modules()]
+    pos = {n: i for i, n in enumerate(names)}
+    last = max((pos[n] for n, _ in layers), default=-1)
+    if name not in pos or not name or pos[name] > last:
+        base = layers[0][0].count(".") if layers else 0
+        valid = [n for n in names if n and pos[n] <= last and n.count(".") <= base + 1
+                 and (n.startswith("backbone.") or not layers[0][0].startswith("backbone."))]
+        raise KeyError(f"train.freeze_until={name!r} is not a module below the classifier; valid names include "
+                       f"{', '.join(valid[:60])}{' ...' if len(valid) > 60 else ''} (or any deeper name of "
+                       f"model.named_modules())")
+    end = max(i for n, i in pos.items() if n == name or n.startswith(name + "."))
+    return [(n, m) for n, m in layers if pos[n] <= end]
+
+
+# ------------------------------------------------------------------------------------------ regularisation
+def head_penalty(head: nn.Module, l1: float, l2: float) -> torch.Tensor | None:
+    """``l1 Σ|w| + l2 Σ w²`` over the parameters of ``head`` (None when both are 0)."""
+    if not l1 and not l2:
+        return None
+    params = [p for p in head.parameters() if p.requires_grad]
+    out = 0.0
+    if l1:
+        out = out + l1 * sum(p.abs().sum() for p in params)
+    if l2:
+        out = out + l2 * sum(p.pow(2).sum() for p in params)
+    return out
+
+
+def classification_block(model: nn.Module) -> nn.Module:
+    """The classification block: ``get_classifier()`` (for LesaNet its classifier; the SPL is not regularised)."""
+    return model.get_classifier()
+
+
+# ------------------------------------------------------------------------------------------ convergence
+def val_score(task: str, scores: np.ndarray, labels: np.ndarray) -> float:
+    """Validation score of an epoch: MCC (single-label) or mean per-label AUC (multi-label, LesaNet protocol)."""
+    from sklearn.metrics import matthews_corrcoef
+
+    from dompre.train.metrics import lesanet_eval
+    if not len(scores):
+        return float("nan")
+    if task == "multiclass":
+        return float(matthews_corrcoef(labels.argmax(1), scores.argmax(1)))
+    return float(lesanet_eval(scores, labels, 0.5)["auc"])
+
+
+def convergence(history: list[dict]) -> dict:
+    """``best_epoch`` (1-based epoch of the best ``val_score``, the first of ties; the lowest ``val_loss`` when no
+    score is defined), ``best_val_score``, ``best_loss_epoch`` and ``epochs`` of one run's history."""
+    if not history:
+        return {"best_epoch": float("nan"), "best_val_score": float("nan"), "best_loss_epoch": float("nan"),
+                "epochs": 0}
+    loss = [h["val_loss"] for h in history]
+    score = [h.get("val_score", float("nan")) for h in history]
+    loss_epoch = int(np.nanargmin(loss)) + 1 if not all(map(math.isnan, loss)) else 1
+    if all(map(math.isnan, score)):
+        return {"best_epoch": loss_epoch, "best_val_score": float("nan"), "best_loss_epoch": loss_epoch,
+                "epochs": len(history)}
+    best = int(np.nanargmax(score))
+    return {"best_epoch": best + 1, "best_val_score": float(score[best]), "best_loss_epoch": loss_epoch,
+            "epochs": len(history)}

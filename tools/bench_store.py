@@ -1,0 +1,295 @@
+"""SliceStore at the seed paper's input count: write, commit cost, random reads, metadata, student-loader memory.
+
+    OMP_NUM_THREADS=1 python tools/bench_store.py [--size 16] [--scale 1.0] [--repeats 3] [--workers 2]
+
+Builds, in a temporary folder (removed at the end), an unlabeled store of 504,779 inputs (units of 16 inputs,
+as series) and a labeled one of 17,697 (one input per unit, as DeepLesion lesions, 115 labels), of
+``--size`` px inputs, plus the same at 1/10 of the count and a one-shard copy of the unlabeled store. Prints,
+with ratios measured in this run (min / median / max over ``--repeats`` where repeated):
+
+- write rate and the time of the last 500 units over the first 500 (goal <= 1.2: commits cost the new units),
+  wall and CPU time (the CPU time of this process is less disturbed by other jobs on a shared machine);
+- random single-item reads and 64-item batch gathers against the one-shard store (goal <= 1.5);
+- one metadata column, one item's metadata and the whole table: time and resident memory added;
+- peak resident memory (RSS, and PSS: shared pages split between processes) of the main process and the loader
+  workers over ``--steps`` student loader steps (labeled + pseudo-labeled batches with the CPU noise), at the
+  full count and at 1/10 (goal: full / tenth <= 1.1).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+UNLABELED, LABELED, LABELS = 504_779, 17_697, 115
+print = functools.partial(print, flush=True)  # noqa: A001  (lines show as they are measured)
+
+
+def write_store(path: Path, n: int, size: int, per_unit: int, labels: int, shard_size: int) -> dict:
+    """Write ``n`` random inputs in units of ``per_unit``; per-unit wall times of adds + commit.
+
+    ``last_first``: time per unit of the last units over the first, each window ending at a shard flush and
+    holding the same number of flushes (at least 500 units), so both pay for the same shard writes.
+    """
+    import pyarrow.parquet  # noqa: F401  (imported on the first flush otherwise: not a commit cost)
+
+    from dompre.data.store import StoreWriter
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 255, (997, 3, size, size), dtype=np.uint8)
+    lab = (rng.random((101, labels)) < 0.05).astype(np.float32) if labels else None
+    splits = ["train"] * 7 + ["val", "test", "test"]
+    times, cpu, flushes = [], [], []
+    t_all = time.perf_counter()
+    with StoreWriter(path, image_size=size, label_names=[f"l{j}" for j in range(labels)] if labels else None,
+                     shard_size=shard_size) as w:
+        for u, start in enumerate(range(0, n, per_unit)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            for i in range(start, min(start + per_unit, n)):
+                w.add(pool[i % len(pool)], meta={"source": "bench", "series_uid": f"series-{u}",
+                                                 "patient": f"p{u // 4}", "z": float(i - start),
+                                                 "spacing": [1.0, 0.7, 0.7], "window": [-1024.0, 3071.0],
+                                                 "split": splits[u % 10], "lesion_idx": u if labels else -1,
+                                                 "bbox": [1.0, 2.0, 8.0, 9.0] if labels else []},
+                      labels=None if lab is None else lab[i % len(lab)])
+            shards = len(w._shards)
+            w.commit_unit(f"series-{u}", info={"status": "ok"})
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+            if len(w._shards) > shards:
+                flushes.append(u + 1)  # units [.. u] are on disk
+    total = time.perf_counter() - t_all
+    t = np.asarray(times)
+    flushes = flushes or [len(t)]
+    k = next((j + 1 for j, end in enumerate(flushes) if end >= 500), len(flushes))
+    first, last = slice(0, flushes[k - 1]), slice(flushes[-k - 1] if len(flushes) > k else 0, flushes[-1])
+    c = np.asarray(cpu)
+    return {"items": n, "units": len(t), "seconds": total, "items_per_s": n / total, "window": first.stop,
+            "last_first": float(t[last].mean() / t[first].mean()),
+            "cpu_last_first": float(c[last].mean() / c[first].mean())}
+
+
+def _spread(xs: list[float]) -> str:
+    return f"{min(xs):.3g} / {statistics.median(xs):.3g} / {max(xs):.3g}"
+
+
+def bench_reads(sharded: Path, one: Path, repeats: int, n_single: int = 20000, n_batch: int = 300) -> None:
+    from dompre.data.store import SliceStore
+    a, b = SliceStore(sharded), SliceStore(one)
+    n = len(a)
+    single, gather = {"sharded": [], "one": []}, {"sharded": [], "one": []}
+    for r in range(repeats):
+        rng = np.random.default_rng(r)
+        idx = rng.integers(0, n, n_single)
+        batches = rng.integers(0, n, (n_batch, 64))
+        spent = {("single", "sharded"): 0.0, ("single", "one"): 0.0, ("gather", "sharded"): 0.0,
+                 ("gather", "one"): 0.0}
+        for block in range(10):  # the two stores take turns in blocks, so contention hits both alike
+            for name, st in (("one", b), ("sharded", a)) if (r + block) % 2 else (("sharded", a), ("one", b)):
+                t0 = time.perf_counter()
+                for i in idx[block::10]:
+                    st[int(i)]
+                spent["single", name] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                for bt in batches[block::10]:
+                    st.images(bt)
+                spent["gather", name] += time.perf_counter() - t0
+        for name in ("sharded", "one"):
+            single[name].append(spent["single", name] / n_single * 1e6)
+            gather[name].append(spent["gather", name] / n_batch * 1e3)
+    rs = [x / y for x, y in zip(single["sharded"], single["one"])]
+    rg = [x / y for x, y in zip(gather["sharded"], gather["one"])]
+    print(f"random single read  {len(a._names)} shards: {_spread(single['sharded'])} us   one shard: "
+          f"{_spread(single['one'])} us   ratio {_spread(rs)} (goal <= 1.5)")
+    print(f"batch gather of 64  {len(a._names)} shards: {_spread(gather['sharded'])} ms   one shard: "
+          f"{_spread(gather['one'])} ms   ratio {_spread(rg)}")
+
+
+def _rss_mb(pid: int | None = None) -> float:
+    import psutil
+    return psutil.Process(pid).memory_info().rss / 2 ** 20
+
+
+def phase_meta(path: Path) -> dict:
+    """(fresh process) time and resident memory added by one column, one item and the whole table."""
+    import gc
+
+    import pandas  # noqa: F401  (imported before measuring)
+    import pyarrow.parquet  # noqa: F401
+
+    from dompre.data.store import SliceStore
+    out = {}
+    st = SliceStore(path)
+    r0 = _rss_mb()
+    t0 = time.perf_counter()
+    col = st.columns(["split"])
+    out["column_s"], out["column_mb"] = time.perf_counter() - t0, _rss_mb() - r0
+    t0 = time.perf_counter()
+    for i in np.random.default_rng(0).integers(0, len(st), 50):
+        st.item_meta(int(i))
+    out["item_ms"] = (time.perf_counter() - t0) / 50 * 1e3
+    del col
+    st = SliceStore(path)
+    gc.collect()
+    r0 = _rss_mb()
+    t0 = time.perf_counter()
+    table = st.meta
+    out["table_s"], out["table_mb"], out["rows"] = time.perf_counter() - t0, _rss_mb() - r0, len(table)
+    return out
+
+
+def phase_loader(unlabeled: Path, labeled: Path, size: int, workers: int, steps: int) -> dict:
+    """(fresh process) peak RSS / PSS of main and workers over ``steps`` student loader steps."""
+    import psutil
+    import torch
+
+    from dompre.data.store import SliceStore
+    from dompre.train.config import PseudoConfig, StudentConfig
+    from dompre.train.pseudo_label import PseudoLabels, write_chunk
+    from dompre.train.student import build_loaders, noise_transform, pseudo_rows
+
+    torch.set_num_threads(1)
+    unl, lab = SliceStore(unlabeled), SliceStore(labeled)
+    pl_dir = unlabeled.parent / f"{unlabeled.name}-pseudo"
+    if not (pl_dir / "index.json").is_file():  # pseudo-labels as the teacher writes them (60 bytes an input)
+        rng = np.random.default_rng(0)
+        for s in range(0, len(unl), 65536):
+            e = min(s + 65536, len(unl))
+            idx = np.stack([rng.permutation(LABELS)[:15] for _ in range(64)])[np.arange(e - s) % 64]
+            write_chunk(pl_dir, s, e, idx, rng.random((e - s, 15)).astype(np.float16))
+        (pl_dir / "index.json").write_text(json.dumps({"num_inputs": len(unl), "chunk_size": 65536, "top_k": 15,
+                                                       "label_names": [f"l{j}" for j in range(LABELS)]}))
+    rows, targets, weights, _ = pseudo_rows(PseudoLabels(pl_dir), PseudoConfig(threshold=0.5), None)
+    split = lab.columns(["split"])["split"].to_numpy()
+    data = build_loaders(lab, np.flatnonzero(split == "train"), lab.labels, labeled_batch=16, seed=0, stage=1,
+                         num_workers=workers, transform=noise_transform(StudentConfig(), size),
+                         unlabeled_store=unl, pseudo_rows_=rows, pseudo_targets=targets, pseudo_batch=16,
+                         pseudo_weights=weights)
+    me = psutil.Process()
+    peak = {"main_rss": 0.0, "workers_rss": 0.0, "main_pss": 0.0, "workers_pss": 0.0}
+    per_input = [targets.idx, targets.prob, targets.kept, rows, lab.labels] + [sp.rows for sp in data.samplers]
+    unique = {id(a): a for a in per_input}.values()  # the pseudo sampler holds `rows` itself, not a copy
+    peak["per_input_mb"] = sum(a.nbytes for a in unique) / 2 ** 20  # pseudo-labels, kept mask, rows, labels
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            try:
+                kids = me.children(recursive=True)
+                m = me.memory_full_info()
+                ks = [k.memory_full_info() for k in kids]
+            except psutil.Error:
+                continue
+            peak["main_rss"] = max(peak["main_rss"], m.rss / 2 ** 20)
+            peak["main_pss"] = max(peak["main_pss"], m.pss / 2 ** 20)
+            peak["workers_rss"] = max(peak["workers_rss"], sum(k.rss for k in ks) / 2 ** 20)
+            peak["workers_pss"] = max(peak["workers_pss"], sum(k.pss for k in ks) / 2 ** 20)
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    done, t0 = 0, time.perf_counter()
+    while done < steps:
+        for sampler in data.samplers:
+            sampler.set_epoch(done // data.steps_per_epoch)
+        for _ in zip(*data.loaders):
+            done += 1
+            if done >= steps:
+                break
+    peak["steps_per_s"] = steps / (time.perf_counter() - t0)
+    stop.set()
+    thread.join()
+    return peak
+
+
+def _child(*args: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, __file__, *args], env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=16)
+    p.add_argument("--scale", type=float, default=1.0, help="fraction of the paper's input count")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--shard-size", type=int, default=1024)
+    p.add_argument("--parts", nargs="+", default=["write", "read", "meta", "loader"],
+                   choices=["write", "read", "meta", "loader"], help="what to measure (the stores are always written)")
+    p.add_argument("--dir", default=None, help="where the stores go (default: a temporary folder, removed)")
+    p.add_argument("--phase", choices=["meta", "loader"], help=argparse.SUPPRESS)
+    p.add_argument("--paths", nargs="*", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.phase == "meta":
+        print(json.dumps(phase_meta(Path(args.paths[0]))))
+        return
+    if args.phase == "loader":
+        print(json.dumps(phase_loader(Path(args.paths[0]), Path(args.paths[1]), args.size, args.workers,
+                                      args.steps)))
+        return
+
+    root = Path(tempfile.mkdtemp(prefix="bench_store-", dir=args.dir))
+    try:
+        print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start (a shared machine: other "
+              f"jobs contend for the cores and the disk); inputs uint8 3x{args.size}x{args.size}")
+        sizes = {}
+        for tag, frac in (("tenth", args.scale / 10), ("full", args.scale)):
+            n_u, n_l = int(UNLABELED * frac), int(LABELED * frac)
+            for kind, n, per_unit, labels in (("unlabeled", n_u, 16, 0), ("labeled", n_l, 1, LABELS)):
+                rs = []
+                for r in range(args.repeats if "write" in args.parts else 1):  # the first copy is kept
+                    path = root / (f"{kind}-{tag}" if r == 0 else "scratch")
+                    rs.append(write_store(path, n, args.size, per_unit, labels, args.shard_size))
+                    shutil.rmtree(root / "scratch", ignore_errors=True)
+                print(f"write {kind:9s} {tag:5s}: {n:7d} inputs {rs[0]['units']:6d} units, "
+                      f"{_spread([r['items_per_s'] for r in rs])} inputs/s; last/first {rs[0]['window']} units: "
+                      f"wall {_spread([r['last_first'] for r in rs])}, CPU {_spread([r['cpu_last_first'] for r in rs])}"
+                      " (goal <= 1.2)")
+            sizes[tag] = (n_u, n_l)
+        if "read" in args.parts:
+            one = write_store(root / "one-shard", sizes["full"][0], args.size, 16, 0, 1 << 30)
+            print(f"write one-shard store: {one['items_per_s']:.0f} inputs/s (baseline for reads)")
+            bench_reads(root / "unlabeled-full", root / "one-shard", args.repeats)
+            shutil.rmtree(root / "one-shard")
+        for kind in ("unlabeled", "labeled") if "meta" in args.parts else ():
+            ms = [_child("--phase", "meta", "--paths", str(root / f"{kind}-full")) for _ in range(args.repeats)]
+            print(f"meta {kind:9s} ({ms[0]['rows']} rows): one column {_spread([m['column_s'] for m in ms])} s "
+                  f"+{_spread([m['column_mb'] for m in ms])} MB; one item {_spread([m['item_ms'] for m in ms])} "
+                  f"ms; whole table {_spread([m['table_s'] for m in ms])} s +{_spread([m['table_mb'] for m in ms])}"
+                  " MB")
+        runs: dict[str, list[dict]] = {"tenth": [], "full": []}
+        for _ in range(args.repeats if "loader" in args.parts else 0):
+            for tag in ("tenth", "full"):
+                runs[tag].append(_child("--phase", "loader", "--size", str(args.size), "--workers",
+                                        str(args.workers), "--steps", str(args.steps), "--paths",
+                                        str(root / f"unlabeled-{tag}"), str(root / f"labeled-{tag}")))
+        for tag in ("tenth", "full") if "loader" in args.parts else ():
+            rs = runs[tag]
+            print(f"loader {tag:5s} ({sizes[tag][0]} + {sizes[tag][1]} inputs, {args.workers} workers, "
+                  f"{args.steps} steps): peak RSS main {_spread([r['main_rss'] for r in rs])} MB, workers "
+                  f"{_spread([r['workers_rss'] for r in rs])} MB; PSS main {_spread([r['main_pss'] for r in rs])}"
+                  f" MB, workers {_spread([r['workers_pss'] for r in rs])} MB; "
+                  f"{_spread([r['steps_per_s'] for r in rs])} steps/s; per-input arrays the loaders hold "
+                  f"(pseudo-labels, kept mask, rows, labels) {rs[0]['per_input_mb']:.1f} MB")
+        for key in ("main_rss", "workers_rss", "main_pss", "workers_pss") if "loader" in args.parts else ():
+            ratio = [f[key] / t[key] for f, t in zip(runs["full"], runs["tenth"])]
+            print(f"loader {key}: full / tenth {_spread(ratio)} (goal <= 1.1)")
+        print(f"load average {os.getloadavg()[0]:.2f} at the end")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
