@@ -44,7 +44,7 @@ def gap_table(bench: dict) -> str:
     g, d = bench.get("gap_closed_all"), bench.get("student_minus_teacher_all")
     if g and d:
         lines.append(f"| mean | | {d['mean']:+.4f} {_ci(d['ci'])} | | {_pct(g['mean'])} "
-                     f"{'(t-interval ' + _ci(g['ci']) + ')' if g.get('ci') else ''} | "
+                     f"{'(t-interval ' + _pct(g['ci'][0]) + ' to ' + _pct(g['ci'][1]) + ')' if g.get('ci') else ''} | "
                      f"{_pct((bench.get('gap_closed_taught') or {}).get('mean'))} |")
     return "\n".join(lines)
 
