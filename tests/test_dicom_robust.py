@@ -18,6 +18,9 @@ from dompre.data import dicom_header as dh
 from dompre.data.dicom import SeriesError, read_series, scan_file, scan_tree
 from dompre.data.synthetic import write_dicom_series
 
+sys.path.insert(0, str(Path(__file__).parent))
+from test_dicom import _edit  # noqa: E402  (one DICOM editing helper for both files)
+
 SPACING = (2.5, 0.75, 0.75)
 CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
 
@@ -26,16 +29,6 @@ def _series(folder: Path, z: int = 4, **kw) -> list[Path]:
     hu = np.full((z, 24, 24), -1000.0, np.float32)
     hu[:, 4:20, 5:19] = 10.0 * np.arange(z)[:, None, None]
     return write_dicom_series(folder, hu, spacing=SPACING, **kw)
-
-
-def _edit(path: Path, **changes) -> None:
-    ds = pydicom.dcmread(path)
-    for key, value in changes.items():
-        if value is None:
-            delattr(ds, key)
-        else:
-            setattr(ds, key, value)
-    ds.save_as(path)
 
 
 def _element_at(raw: bytes, tag: int) -> int:
