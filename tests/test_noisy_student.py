@@ -202,3 +202,13 @@ def test_checkpoints_record_the_measured_metrics_for_the_model_card(reference):
         metrics = json.loads((out / f"iter{it}" / "metrics.json").read_text())
         assert info["metrics"]["test"] == metrics["test"] and "thresholds" not in info["metrics"]
         assert info["preparation"] is None  # these stores were written by StoreWriter, not by `dompre ingest`
+
+
+@pytest.mark.slow
+def test_teacher_and_student_learn_the_separable_toy_task(stores, tmp_path):
+    """Each label lights one quadrant: a teacher (60 epochs) and its student (30, from the teacher) must both separate
+    the labels on the test rows (chance is 0.5), so a loop that stops learning fails here."""
+    result = _run(stores, tmp_path / "run", **{"teacher.epochs": 60, "teacher.lr": 0.01, "student.lr": 0.01,
+                                              "student.labeled_epochs": 30, "student.init": "teacher", "pseudo.unkept": "soft"})
+    aucs = [r["metrics"]["test"]["auc"] for r in result["results"]]
+    assert len(aucs) == 2 and min(aucs) > 0.9, aucs
