@@ -43,7 +43,7 @@ def stores(tmp_path):
 
 def test_pseudo_rows_drop_empty_and_targets(stores):
     _, _, pl = stores
-    rows, targets, weights, summary = pseudo_rows(pl, PseudoConfig(), None)
+    rows, targets, weights, summary = pseudo_rows(pl, PseudoConfig(unkept="negative"), None)
     np.testing.assert_array_equal(rows, np.arange(0, 20, 2))
     np.testing.assert_array_equal(targets[4], [0, 0, 1])
     assert weights is None and summary["used"] == 10 and summary["empty"] == 10
@@ -51,7 +51,7 @@ def test_pseudo_rows_drop_empty_and_targets(stores):
 
 def test_mixed_batch_sizes_sources_and_mask(stores):
     labeled, unlabeled, pl = stores
-    rows, targets, _, _ = pseudo_rows(pl, PseudoConfig(), None)
+    rows, targets, _, _ = pseudo_rows(pl, PseudoConfig(unkept="negative"), None)
     data = build_loaders(labeled, np.arange(10), labeled.labels, labeled_batch=4, seed=0, stage=1, num_workers=0,
                          unlabeled_store=unlabeled, pseudo_rows_=rows, pseudo_targets=targets, pseudo_batch=3)
     assert data.steps_per_epoch == 2
@@ -139,7 +139,7 @@ def test_device_noise_gives_each_item_the_cpu_paths_noise():
 
 def test_device_loaders_read_uint8_and_carry_noise_parameters(stores):
     labeled, unlabeled, pl = stores
-    rows, targets, _, _ = pseudo_rows(pl, PseudoConfig(), None)
+    rows, targets, _, _ = pseudo_rows(pl, PseudoConfig(unkept="negative"), None)
     noise = noise_transform(StudentConfig(), 12)
     data = build_loaders(labeled, np.arange(10), labeled.labels, labeled_batch=4, seed=0, stage=1, num_workers=0,
                          transform=noise, unlabeled_store=unlabeled, pseudo_rows_=rows, pseudo_targets=targets,
