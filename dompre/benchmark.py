@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from dompre.train.bootstrap import patient_weights, score_labels
+from dompre.train.metrics import THRESHOLD_GRID, choose_thresholds
 
 logger = logging.getLogger(__name__)
 TAUGHT_MIN = 3  # a label is "taught" by the labeled share when it has at least this many training positives
@@ -38,7 +39,7 @@ def store_truth(store, truth_csv: str | Path, label_names: Sequence[str]) -> tup
     truth = pd.read_csv(truth_csv, dtype={"labels": str, "series_uid": str, "patient_id": str})
     truth["labels"] = truth["labels"].fillna("")
     col = {n: j for j, n in enumerate(label_names)}
-    meta = store.meta
+    meta = store.columns(["series_uid", "z", "patient"])
     y = np.zeros((len(meta), len(label_names)), np.int8)
     by_series = {uid: g for uid, g in truth.groupby("series_uid")}
     for uid, rows in meta.groupby(meta["series_uid"].astype(str)).indices.items():
@@ -77,11 +78,10 @@ def heldout_sets(store, truth_csv: str | Path, label_names: Sequence[str], val_f
 
 
 def score_model(accelerator, model, held: HeldOut, prep, *, taught: np.ndarray, replicates: int,
-                batch_size: int = 128, grid: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)) -> dict:
+                batch_size: int = 128, grid: Sequence[float] = THRESHOLD_GRID) -> dict:
     """Held-out scores of one model: thresholds on val, mean AUC / F1 on test (all labels and the taught
     ones) with patient-bootstrap replicates (the same draws for every model, so differences pair up)."""
     from dompre.train.engine import predict
-    from dompre.train.metrics import choose_thresholds
 
     s = {k: predict(accelerator, model, held.store, held.rows[k], prep, batch_size) for k in ("val", "test")}
     th = choose_thresholds(s["val"], held.truth["val"].astype(np.float32), grid)
@@ -117,18 +117,19 @@ def taught_labels(data) -> np.ndarray:
     return np.flatnonzero(pos >= TAUGHT_MIN)
 
 
-def run_arms(recipe, held: HeldOut, unlabeled_truth: np.ndarray, *, replicates: int = 1000) -> dict:
+def run_arms(recipe, data, held: HeldOut, unlabeled_truth: np.ndarray, *, replicates: int = 1000) -> dict:
     """One seed: the Noisy Student run, the oracle and plain arms, each scored on the held-out patients.
+
+    ``data``: the recipe's ``load_run_data`` (the stores and labels do not depend on the training seed).
 
     Returns ``{"arms": {name: scores}, "pseudo": [quality per iteration], "taught": [...], "run": result}``.
     """
-    from dompre.noisy_student import _pseudo_targets, load_run_data, make_accelerator, run, train_arm
+    from dompre.noisy_student import _load_checkpoint, _pseudo_targets, make_accelerator, run, train_arm
     from dompre.train.engine import InputPrep
 
     out = Path(recipe.output_dir)
     accelerator = make_accelerator(recipe, out)
-    result = run(recipe, accelerator)
-    data = load_run_data(recipe)
+    result = run(recipe, accelerator, data)
     taught = taught_labels(data)
     L, n_unl = len(data.label_names), len(data.unlabeled)
     models = {("teacher" if r["iteration"] == 0 else f"student-{r['iteration']}"): Path(r["stage"])
@@ -136,7 +137,6 @@ def run_arms(recipe, held: HeldOut, unlabeled_truth: np.ndarray, *, replicates: 
     oracle_targets = (np.arange(n_unl), unlabeled_truth.astype(np.float32), None,
                       {"used": n_unl, "source": "truth"})
     arms = {}
-    from dompre.noisy_student import _load_checkpoint
     for name, stage in models.items():
         arms[name] = _load_checkpoint(stage, data.label_names)
     arms["oracle"] = train_arm(accelerator, recipe, data, "oracle", targets=oracle_targets)

@@ -107,7 +107,7 @@ def run_demo(out: str | Path, *, patients: int = 48, seed: int = 0, labeled_frac
     data = load_run_data(rec)
     held = heldout_sets(SliceStore(stores / "heldout"), held_dir / "truth" / "slices.csv", data.label_names)
     unl_truth, _ = store_truth(data.unlabeled, cohort / "truth" / "slices.csv", data.label_names)
-    per_seed = {s: _timed(times, f"pretrain + arms, seed {s}", run_arms, recipe_for(s), held, unl_truth,
+    per_seed = {s: _timed(times, f"pretrain + arms, seed {s}", run_arms, recipe_for(s), data, held, unl_truth,
                           replicates=replicates) for s in seeds}
     summary = summarize(per_seed)
     report.mkdir(parents=True, exist_ok=True)
@@ -161,8 +161,8 @@ def run_demo(out: str | Path, *, patients: int = 48, seed: int = 0, labeled_frac
 
 
 def _split_sizes(store) -> dict:
-    meta = store.meta
-    return {s: int((meta["split"] == s).sum()) for s in sorted(meta["split"].unique())}
+    split = store.columns(["split"])["split"]
+    return {s: int((split == s).sum()) for s in sorted(split.unique())}
 
 
 def _jsonable(v):

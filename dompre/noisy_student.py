@@ -270,10 +270,11 @@ def train_arm(accelerator, recipe: PretrainRecipe, data: RunData, name: str, *, 
     return model.eval()
 
 
-def run(recipe: PretrainRecipe, accelerator=None) -> dict:
+def run(recipe: PretrainRecipe, accelerator=None, data: RunData | None = None) -> dict:
     """Run (or resume) the whole Noisy Student loop; returns the per-iteration results and report paths.
 
-    ``accelerator``: reuse one (the benchmark trains its arms with it); by default the run makes its own."""
+    ``accelerator``: reuse one (the benchmark trains its arms with it); by default the run makes its own.
+    ``data``: the recipe's :func:`load_run_data`, when the caller already has it."""
     from dompre.export import read_checkpoint_meta, record_metrics, run_preparation
     from dompre.train.engine import InputPrep, Position
     from dompre.train.evaluate import evaluate_model, write_json, write_report_tables
@@ -281,7 +282,7 @@ def run(recipe: PretrainRecipe, accelerator=None) -> dict:
 
     check_recipe(recipe)
     out = Path(recipe.output_dir)
-    data = load_run_data(recipe)
+    data = load_run_data(recipe) if data is None else data
     own = accelerator is None
     accelerator = make_accelerator(recipe, out) if own else accelerator
     if accelerator.is_main_process:
