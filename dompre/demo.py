@@ -140,7 +140,7 @@ def run_demo(out: str | Path, *, patients: int = 48, seed: int = 0, labeled_frac
         "seeds": list(seeds), "chosen": chosen,
         "results": [{k: r[k] for k in ("iteration", "model", "pseudo_used")}
                     | {"test": r["metrics"].get("test"), "hand": r["metrics"].get("hand")} for r in first["results"]],
-        "labeled": {k: int(v) for k, v in _split_sizes(SliceStore(stores / "deeplesion")).items()},
+        "labeled": _split_sizes(data.labeled),
         "labeled_train_inputs": int(len(data.train_rows)), "unlabeled_inputs": int(len(data.unlabeled)),
         "heldout": {k: {"inputs": int(len(v)), "patients": int(len(set(held.patients[k])))}
                     for k, v in held.rows.items()},

@@ -21,7 +21,7 @@ def arms_table(bench: dict) -> str:
     lines = ["| seed | arm | val AUC | test AUC (95% CI) | test AUC, taught labels (95% CI) | test F1 (95% CI) |",
              "|---|---|---|---|---|---|"]
     for seed in bench["seeds"]:
-        row = bench["per_seed"][str(seed)] if str(seed) in bench["per_seed"] else bench["per_seed"][seed]
+        row = bench["per_seed"][str(seed)]  # the summary as written to JSON: seeds are string keys
         for name, a in row["arms"].items():
             mark = " (chosen)" if name == row["chosen"] else ""
             lines.append(f"| {seed} | {name}{mark} | {_f(a['val_auc'])} | {_f(a['auc'])} {_ci(a['auc_ci'])} | "
@@ -34,7 +34,7 @@ def gap_table(bench: dict) -> str:
     lines = ["| seed | chosen student | student - teacher (95% CI) | plain - teacher (95% CI) | gap closed | "
              "gap closed, taught labels |", "|---|---|---|---|---|---|"]
     for seed in bench["seeds"]:
-        r = bench["per_seed"].get(str(seed), bench["per_seed"].get(seed))
+        r = bench["per_seed"][str(seed)]
         d, p = r.get("student_minus_teacher_all"), r.get("plain_minus_teacher_all")
         if not d:
             continue
@@ -58,7 +58,7 @@ def pseudo_table(bench: dict) -> str:
     lines = ["| seed | pseudo-labels from | precision | recall | labels per input (truth) | inputs kept |",
              "|---|---|---|---|---|---|"]
     for seed in bench["seeds"]:
-        r = bench["per_seed"].get(str(seed), bench["per_seed"].get(seed))
+        r = bench["per_seed"][str(seed)]
         for p in r["pseudo"]:
             lines.append(f"| {seed} | {p['from']} | {p['precision']:.3f} | {p['recall']:.3f} | "
                          f"{p['labels_per_input']:.1f} ({p['truth_per_input']:.1f}) | {p['inputs_kept']} of {p['inputs']} |")

@@ -164,11 +164,6 @@ def make_stacks(slices: np.ndarray, stride: int = 3) -> tuple[np.ndarray, np.nda
     return slices[idx], idx[:, 1]
 
 
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """Round [0, 255] floats to uint8."""
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
-
-
 def prepare_stack(hu: np.ndarray, cfg: PrepConfig = PrepConfig(), *, window: tuple[float, float] | None = None
                   ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """ONE input from three consecutive HU slices (3, y, x): body box, window, resize -> (uint8 (3, size, size), box).
