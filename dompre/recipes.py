@@ -20,13 +20,15 @@ from typing import Any, Literal, Sequence, TypeVar, Union
 
 import yaml
 
+from dompre.errors import UserError
+
 T = TypeVar("T")
 
 PATH = {"path": True}
 PATH_MUST_EXIST = {"path": True, "must_exist": True}
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe that cannot be used; the message names the file, the key and the fix."""
 
 

@@ -17,3 +17,27 @@ def test_failed_write_raises_and_leaves_nothing(tmp_path):
         write_atomic(tmp_path / "keep.json", 123)  # type: ignore[arg-type]
     assert (tmp_path / "keep.json").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["keep.json"]
+
+
+def test_atomic_open_streams_and_commits_on_success(tmp_path):
+    from dompre._io import atomic_open
+    with atomic_open(tmp_path / "rows.csv", "w") as f:
+        f.write("a,b\n")
+        assert not (tmp_path / "rows.csv").exists()  # invisible until the block ends
+        f.write("1,2\n")
+    assert (tmp_path / "rows.csv").read_text() == "a,b\n1,2\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.csv"]
+
+
+def test_atomic_open_failure_and_abort_leave_the_old_file(tmp_path):
+    from dompre._io import atomic_open
+    (tmp_path / "x.bin").write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_open(tmp_path / "x.bin") as f:
+            f.write(b"half")
+            raise RuntimeError("killed")
+    held = atomic_open(tmp_path / "x.bin")  # held open across calls, as a store's shard is
+    held.file.write(b"new")
+    held.abort()
+    assert (tmp_path / "x.bin").read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
