@@ -222,20 +222,10 @@ def _check_same_run(recipe: PretrainRecipe, out: Path) -> None:
 
 
 def make_accelerator(recipe: PretrainRecipe, out: Path):
-    """The run's one Accelerator (CPU runs use gloo for a multi-process launch), with TensorBoard + CSV logs."""
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    from dompre.train.engine import CSVTracker
-
-    if recipe.train.torch_threads > 0:
-        torch.set_num_threads(recipe.train.torch_threads)
-    # accelerate only picks gloo (MULTI_CPU) for a multi-process launch when told the run is on CPU
-    on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
-    return Accelerator(cpu=on_cpu, mixed_precision=recipe.train.mixed_precision, rng_types=[],
-                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-                       log_with=["tensorboard", CSVTracker("dompre", out / "logs")])
+    """The run's one Accelerator (:func:`dompre.train.engine.make_accelerator`) with TensorBoard + CSV logs."""
+    from dompre.train.engine import make_accelerator as engine_accelerator
+    return engine_accelerator(out, mixed_precision=recipe.train.mixed_precision,
+                              torch_threads=recipe.train.torch_threads)
 
 
 def train_arm(accelerator, recipe: PretrainRecipe, data: RunData, name: str, *, targets: tuple | None = None,

@@ -183,3 +183,46 @@ def test_synthetic_downstream_random_vs_domain(tmp_path):
                                    image_size=32, overrides=("train.max_steps_per_epoch=1",))
     assert res["arch"] == "test_resnet" and {r["init"] for r in res["runs"]} == {"random", "domain"}
     assert sum(res["n"].values()) == 12 and (tmp_path / "demo" / "summary.md").is_file()
+
+
+def _finetune_cmd(root: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "dompre", "finetune", str(RECIPES / "kvasir.yaml"), f"data.root={root}",
+            f"out_dir={out}", "model.arch=resnet18", "model.init=random", "data.image_size=64", "train.epochs=3",
+            "train.batch_size=8", "train.eval_batch_size=16", "data.min_val=1", "train.checkpoint_every=2",
+            "train.progress=false", "model.drop_rate=0.3"]
+
+
+@pytest.mark.slow
+def test_kill_9_then_the_same_command_ends_with_the_metrics_of_an_uninterrupted_run(tmp_path):
+    """A real SIGKILL mid-epoch, then the same command: the run resumes from its latest state (model, optimizer,
+    dropout RNG, data position, validation history and best weights) and writes the same metrics."""
+    import os
+    import signal
+    import subprocess
+    import time
+    root = make_kvasir(tmp_path / "kv", per_class=8)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run(_finetune_cmd(root, tmp_path / "ref"), env=env, check=True, capture_output=True)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_finetune_cmd(root, run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        done = [json.loads(p.read_text())["global_step"] for p in (run / "state").glob("model_0/step-*/position.json")]
+        if done and max(done) >= 5:  # past the first epoch (4 steps), mid-way through the second
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_at = max(done)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_at is not None and proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (run / "metrics.json").exists() and (run / "state").is_dir()
+    subprocess.run(_finetune_cmd(root, run), env=env, check=True, capture_output=True)
+    ref, got = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ref", "run"))
+    assert got["history"] == ref["history"] and got["test"] == ref["test"]
+    assert not (run / "state").exists()  # the resume state goes once the results are written
+    with pytest.raises(subprocess.CalledProcessError) as e:  # an interrupted run resumes only under its own recipe
+        (run / "state").mkdir()
+        subprocess.run([*_finetune_cmd(root, run), "train.lr=0.5"], env=env, check=True, capture_output=True)
+    assert e.value.returncode == 2 and b"other settings for ['train.lr']" in e.value.stderr

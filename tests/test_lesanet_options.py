@@ -67,12 +67,13 @@ def test_lesanet_recipe_with_rhem_triplet_and_box_augment_runs(tmp_path):
     res = run_finetune(r)
     assert res["task"] == "multilabel" and np.isfinite(res["history"][0][0]["train_loss"])
     from dompre.data.downstream import BoxAugment
-    from dompre.train.finetune import _View, prepare_data
+    from dompre.train.engine import Items
+    from dompre.train.finetune import prepare_data
     ds, splits = prepare_data(r)
-    torch.manual_seed(1)
-    view = _View(ds, splits["train"], BoxAugment())  # the training view moves image and box together
-    moved = [not torch.equal(view[i]["box"], ds[int(splits["train"][i])]["box"]) for i in range(len(view))]
-    assert sum(moved) >= len(view) - 1
+    items = Items(ds, transform=BoxAugment())  # the training items move image and box together
+    rows = [int(i) for i in splits["train"]]
+    moved = [not torch.equal(items[(i, 7 + i)]["box"], ds[i]["box"]) for i in rows]
+    assert sum(moved) >= len(rows) - 1
     with pytest.raises(ValueError, match="LesaNet options"):
         load_finetune_recipe(None, ["data.kind=kvasir", f"data.root={dl}", "train.rhem=true"])
     with pytest.raises(ValueError, match="multi-label"):

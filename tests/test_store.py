@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dompre.data.store import SliceStore, StoreWriter
+from dompre.train.engine import Items, batch_loader
 
 S = 8
 
@@ -52,12 +53,11 @@ def test_random_access_meta_and_dataset(tmp_path):
     assert st.labels is None and st.label_names is None
     with pytest.raises(IndexError):
         st[9]
-    ds = st.dataset(indices=[2, 7], transform=lambda t: t.float())
-    sample = ds[1]
-    assert len(ds) == 2 and sample["index"] == 7 and sample["image"].dtype == torch.float32
-    assert sample["label"].shape == (0,)
-    batch = next(iter(torch.utils.data.DataLoader(st.dataset(), batch_size=4)))
+    sample = Items(st, transform=lambda t: t.float())[7]
+    assert sample["index"] == 7 and sample["image"].dtype == torch.float32 and "target" not in sample
+    batch = next(iter(batch_loader(Items(st), [8, 0, 5, 3], 4)))  # one batched read (Items.__getitems__)
     assert batch["image"].shape == (4, 3, S, S) and batch["image"].dtype == torch.uint8
+    assert batch["index"].tolist() == [8, 0, 5, 3] and batch["image"][:, 0, 0, 0].tolist() == [8, 0, 5, 3]
     assert st.units["a"] == {"status": "ok", "n": 3} and st.labels is None
     clone = pickle.loads(pickle.dumps(st))
     assert clone._fds == {} and clone._cache == {}   # workers get offsets only: no files, columns or units
@@ -75,7 +75,7 @@ def test_labels_nan_unknown(tmp_path):
     np.testing.assert_array_equal(st.labels, [[1, np.nan], [np.nan, np.nan]])
     assert st.label_names == ["liver", "lung"]
     assert st.meta["bbox"].iloc[0] == (1, 2, 3, 4) and st.meta["split"].iloc[0] == "train"
-    assert torch.isnan(st.dataset()[1]["label"]).all()
+    assert torch.isnan(Items(st, st.labels)[1]["target"]).all()
 
 
 def test_add_rejects_wrong_shape_and_unlabeled_labels(tmp_path):
@@ -153,7 +153,7 @@ def test_reader_keeps_a_bounded_number_of_files_open_and_maps_nothing(tmp_path):
     np.testing.assert_array_equal(store.images([0, 2 * n_units - 1, 1, 0])[:, 0, 0, 0], [0, 2 * n_units - 1, 1, 0])
     maps = open("/proc/self/maps").read()
     assert "shard-000000.npy" not in maps and len(store._fds) == 3  # positioned reads, no memory maps
-    assert len(pickle.loads(pickle.dumps(store.dataset()))[3]["image"]) == 3  # workers reopen files after pickling
+    assert len(pickle.loads(pickle.dumps(Items(store)))[3]["image"]) == 3  # workers reopen files after pickling
     store.close()
     assert store._fds == {} and store[4][0, 0, 0] == 4
 

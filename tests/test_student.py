@@ -82,8 +82,8 @@ def test_stream_sampler_epochs_continue_the_pseudo_stream():
 
 def test_noise_is_seeded_per_item(stores):
     labeled, _, _ = stores
-    from dompre.train.engine import SeededImages
-    ds = SeededImages(labeled, labeled.labels, noise_transform(StudentConfig(), 12))
+    from dompre.train.engine import Items
+    ds = Items(labeled, labeled.labels, noise_transform(StudentConfig(), 12))
     a, b, c = ds[(3, 7)]["image"], ds[(3, 7)]["image"], ds[(3, 8)]["image"]
     assert a.shape == (3, 12, 12) and a.dtype == torch.uint8
     assert torch.equal(a, b)
@@ -116,7 +116,7 @@ def test_device_noise_gives_each_item_the_cpu_paths_noise():
     cpu = []
     for seed in seeds:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # as SeededImages seeds the CPU path
+            torch.manual_seed(seed)  # as Items seeds the CPU path
             cpu.append(cpu_noise(img).float())
     cpu = torch.stack(cpu)
     params = torch.from_numpy(np.stack([noise_params(cpu_noise, h, s) for s in seeds]))

@@ -182,20 +182,21 @@ def test_head_penalty_closed_form_and_it_shrinks_the_classifier(kvasir, tmp_path
 # ------------------------------------------------------------------------------------------- Dang
 def test_features_from_layer_pool_and_scales(kvasir, tmp_path):
     from dompre.data.downstream import Kvasir
+    from dompre.train.engine import InputPrep, Items, batch_loader
     from dompre.train.features import extract, resolve_layer
     model = timm.create_model("test_resnet", num_classes=8).eval()
     ds = Kvasir(kvasir, image_size=32)
-    dl = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(6)), batch_size=4)
-    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    dl = batch_loader(Items(ds), range(6), 4)
+    prep = InputPrep(None, [0, 0, 0], [1, 1, 1], scale=1.0)
     assert resolve_layer(model, "1") is resolve_layer(model, model.feature_info[1]["module"])
-    avg, y, _ = extract(model, dl, mean, std, layer="layer2")
-    mx, _, _ = extract(model, dl, mean, std, layer="layer2", pool="max")
-    two, _, _ = extract(model, dl, mean, std, layer="layer2", scales=(32, 48))
+    avg, y, _ = extract(model, dl, prep, layer="layer2")
+    mx, _, _ = extract(model, dl, prep, layer="layer2", pool="max")
+    two, _, _ = extract(model, dl, prep, layer="layer2", scales=(32, 48))
     assert avg.shape == mx.shape == (6, 48) and y.shape == (6, 8)  # test_resnet layer2: 48 channels
     assert (mx >= avg - 1e-6).all() and not np.allclose(mx, avg)
     assert two.shape == (6, 2 * avg.shape[1]) and np.allclose(two[:, :avg.shape[1]], avg, atol=1e-5)
     with pytest.raises(KeyError, match="feature stages"):
-        extract(model, dl, mean, std, layer="17")
+        extract(model, dl, prep, layer="17")
 
 
 def test_vlad_of_a_hand_made_set_equals_the_closed_form():

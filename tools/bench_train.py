@@ -82,7 +82,8 @@ def main() -> None:
     from dompre.train.engine import InputPrep
     from dompre.train.losses import WeightedFocalLoss
     from dompre.train.student import NoisyStudentTask, build_loaders, noise_transform
-    from dompre.train.teacher import create_model, create_optimizer
+    from dompre.train.engine import create_optimizer
+    from dompre.train.teacher import create_model
 
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
     L = args.labels

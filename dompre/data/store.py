@@ -40,11 +40,10 @@ import re
 import resource
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from dompre._io import write_atomic
 
@@ -598,39 +597,8 @@ class SliceStore:
             self._cache["units"] = _read_state(self.path, with_units=True)[2]
         return self._cache["units"]
 
-    def dataset(self, indices: Iterable[int] | None = None, transform: Callable | None = None):
-        """A torch Dataset over ``indices`` (default all) yielding {"image", "label", "index"}."""
-        return SliceDataset(self, indices, transform)
-
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_fds"] = OrderedDict()  # files are reopened in each DataLoader worker, never pickled
         state["_cache"] = {}
         return state
-
-
-class SliceDataset(torch.utils.data.Dataset):
-    """torch Dataset view of a :class:`SliceStore`: ``{"image": uint8 (3, H, W), "label": float32 (L,), "index"}``.
-
-    Unlabeled stores give an all-NaN label of length 0. ``transform`` is applied to the image tensor.
-    """
-
-    def __init__(self, store: SliceStore, indices: Iterable[int] | None = None, transform: Callable | None = None):
-        self.store = store
-        self.indices = np.arange(len(store)) if indices is None else np.asarray(list(indices), dtype=np.int64)
-        self.transform = transform
-        labels = store.labels
-        self._labels = labels
-        self._width = 0 if labels is None else labels.shape[1]
-
-    def __len__(self) -> int:
-        return int(self.indices.size)
-
-    def __getitem__(self, i: int) -> dict:
-        idx = int(self.indices[i])
-        image = torch.from_numpy(self.store[idx])
-        if self.transform is not None:
-            image = self.transform(image)
-        label = (torch.full((self._width,), float("nan")) if self._labels is None
-                 else torch.from_numpy(self._labels[idx].copy()))
-        return {"image": image, "label": label, "index": idx}

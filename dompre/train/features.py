@@ -21,6 +21,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import LinearSVC
+
+from dompre.train.engine import InputPrep
 
 
 def resolve_layer(model: nn.Module, layer: str) -> nn.Module | None:
@@ -69,10 +77,13 @@ def pool_map(fmap: torch.Tensor, how: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract(model: nn.Module, loader, mean: torch.Tensor, std: torch.Tensor, *, layer: str = "",
+def extract(model: nn.Module, loader, prep: InputPrep, *, layer: str = "",
             pool: str = "avg", scales: tuple[int, ...] = (), local: bool = False, keep: int = 0,
             encode=None, seed: int = 0) -> tuple[list | np.ndarray, np.ndarray, float]:
-    """Features of every sample of ``loader`` and their labels (N, L) and forward seconds.
+    """Features of every sample of ``loader`` (prepared by ``prep``) and their labels (N, L) and forward seconds.
+
+    The pooled pre-logits features of a model that takes lesion boxes (LesaNet) are its ``forward_features(x,
+    boxes)``.
 
     Features: (N, D) pooled features; with ``local`` the local descriptors of each image, either encoded batch by
     batch with ``encode`` (list of (n_i, C) -> (B, D); the descriptors of a dataset never sit in memory at once),
@@ -87,13 +98,15 @@ def extract(model: nn.Module, loader, mean: torch.Tensor, std: torch.Tensor, *, 
     try:
         for batch in loader:
             t0 = time.perf_counter()
-            x = (batch["image"].to(device).float() / 255 - mean.to(device)) / std.to(device)
+            x = prep(batch["image"].to(device))
             per_scale = []
             for side in (scales or (None,)):
                 xs = x if side is None or side == x.shape[-1] else F.interpolate(
                     x, size=(side, side), mode="bilinear", align_corners=False)
                 if tap is None and not local:
-                    per_scale.append(model.forward_head(model.forward_features(xs), pre_logits=True).flatten(1))
+                    pooled = (model.forward_features(xs, batch["box"].to(device)) if "box" in batch else
+                              model.forward_head(model.forward_features(xs), pre_logits=True))
+                    per_scale.append(pooled.flatten(1))
                     continue
                 out = model.forward_features(xs)
                 fmap = tap.out if tap is not None else out
@@ -111,7 +124,7 @@ def extract(model: nn.Module, loader, mean: torch.Tensor, std: torch.Tensor, *, 
             else:
                 feats.append(torch.cat(per_scale, 1).float().cpu().numpy())
             seconds += time.perf_counter() - t0
-            labels.append(batch["label"].numpy())
+            labels.append(batch["target"].numpy())
     finally:
         if tap is not None:
             tap.close()
@@ -140,14 +153,12 @@ def fit_encoding(train_feats, how: str, *, pca_dim: int = 0, vlad_k: int = 0, se
     if how == "none":
         return lambda f: np.asarray(f)
     if how == "pca":
-        from sklearn.decomposition import PCA
         x = np.asarray(train_feats)
         if not 0 < pca_dim <= min(x.shape):
             raise ValueError(f"train.pca_dim={pca_dim}: use 1..{min(x.shape)} (train samples and feature size)")
         pca = PCA(n_components=pca_dim, random_state=seed).fit(x)
         return pca.transform
     if how == "vlad":
-        from sklearn.cluster import KMeans
         allx = np.concatenate([np.asarray(d) for d in train_feats])
         if not 0 < vlad_k <= len(allx):
             raise ValueError(f"train.vlad_k={vlad_k}: use 1..{len(allx)} (train descriptors)")
@@ -160,10 +171,6 @@ def fit_encoding(train_feats, how: str, *, pca_dim: int = 0, vlad_k: int = 0, se
 
 def fit_linear(kind: str, x: np.ndarray, y: np.ndarray, balanced: bool, seed: int):
     """Standardised features into logistic regression or a linear SVM (scikit-learn)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import LinearSVC
     cw = "balanced" if balanced else None
     clf = (LogisticRegression(max_iter=2000, class_weight=cw, random_state=seed) if kind == "logreg"
            else LinearSVC(class_weight=cw, random_state=seed))

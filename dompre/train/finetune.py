@@ -32,23 +32,42 @@ Medico-style report for single-label tasks; plus inference frames per second.
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
+import gc
 import json
 import logging
 import math
-import os
-import time
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
+from accelerate.utils import set_seed
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save as st_save
+from timm.models import clean_state_dict
+from torchvision.transforms import v2
 
-from dompre._io import write_atomic
-from dompre.recipes import PATH, load_recipe, save_recipe
+import dompre.models  # noqa: F401  (registers MAKNet and the baselines with timm)
+from dompre._io import atomic_open, write_atomic
+from dompre.data.deeplesion import load_ontology
+from dompre.data.downstream import BoxAugment, Clahe, build_dataset, make_splits
+from dompre.errors import UserError
+from dompre.models.lesanet import LesaNet, label_triplet_loss, label_weights, weighted_bce
+from dompre.recipes import PATH, load_recipe, recipe_to_dict, save_recipe
+from dompre.train import downstream_plots as plots
+from dompre.train.engine import (InputPrep, Items, Position, StreamSampler, batch_loader, create_optimizer,
+                                 create_scheduler, epoch_steps, fit, forward, infer, make_accelerator, make_loader)
+from dompre.train.features import extract, fit_encoding, fit_linear, linear_scores
+from dompre.train.metrics import auc_micro, choose_thresholds, classification_report, lesanet_eval
+from dompre.train.transfer import (check_imagenet_weights, check_options, classification_block, convergence,
+                                   freeze_until, head_penalty, meanvar_redraw, val_score)
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +140,9 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # 0 = whole training set each epoch (tests use 1-2)
     eval_batch_size: int = 64
     save_models: bool = True
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate mixed precision (GPU)
+    checkpoint_every: int = 200  # resume state every N optimizer steps (and at every epoch end)
+    log_every: int = 10  # loss and lr to the run's logs every N optimizer steps
 
 
 @dataclass(frozen=True)
@@ -151,7 +173,6 @@ def load_finetune_recipe(path: str | Path | None, overrides: list[str] = ()) -> 
         raise ValueError("train.strategy=features is for model.head=timm; LesaNet trains its RoI head")
     if m.n_models < 1:
         raise ValueError(f"model.n_models={m.n_models}: use 1 or more")
-    from dompre.train.transfer import check_options
     check_options(recipe)
     return recipe
 
@@ -161,8 +182,7 @@ def _weights_state_dict(path: Path) -> dict:
     """A state dict from a safetensors or torch file (weights_only), unwrapped from common containers."""
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            sd = load_file(str(path))
+            sd = st_load_file(str(path))
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -173,7 +193,6 @@ def _weights_state_dict(path: Path) -> dict:
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
-    from timm.models import clean_state_dict  # strips DDP `module.` / torch.compile `_orig_mod.` prefixes
     return {k: v for k, v in clean_state_dict(sd).items() if isinstance(v, torch.Tensor)}
 
 
@@ -196,15 +215,9 @@ def load_weights_file(model: nn.Module, path: str | Path) -> dict:
 
 def build_model(recipe: FinetuneRecipe, num_classes: int) -> tuple[nn.Module, dict]:
     """The model of ``recipe`` with ``num_classes`` outputs, and a dict saying how it was initialised."""
-    import timm
-
-    import dompre  # noqa: F401  (registers MAKNet with timm)
     m, c = recipe.model, recipe.data.channels
     info: dict = {"init": m.init, "weights": m.weights or None}
     if m.init == "meanvar":  # the source init, then every layer redrawn with its mean and std
-        import dataclasses
-
-        from dompre.train.transfer import meanvar_redraw
         src = ("domain" if (Path(m.weights) / "config.json").is_file() else "file") if m.weights else "imagenet"
         model, info = build_model(dataclasses.replace(recipe, model=dataclasses.replace(m, init=src)), num_classes)
         info.update(init="meanvar", source=src,
@@ -218,7 +231,6 @@ def build_model(recipe: FinetuneRecipe, num_classes: int) -> tuple[nn.Module, di
         name, kw = m.arch, {"pretrained": True, "pretrained_cfg_overlay": dict(file=m.weights)}
         info["arch"] = m.arch
     elif m.init == "imagenet":
-        from dompre.train.transfer import check_imagenet_weights
         name, kw = m.arch, {"pretrained": True}
         info.update(arch=m.arch, weights=check_imagenet_weights(m.arch))
     else:
@@ -227,7 +239,6 @@ def build_model(recipe: FinetuneRecipe, num_classes: int) -> tuple[nn.Module, di
 
     def create(**extra):
         if m.head == "lesanet":
-            from dompre.models.lesanet import LesaNet
             return LesaNet(num_classes, name, in_chans=c, drop_rate=m.drop_rate, **kw, **extra)
         return timm.create_model(name, num_classes=num_classes, in_chans=c, drop_rate=m.drop_rate, **kw, **extra)
 
@@ -265,7 +276,6 @@ def freeze_layers(model: nn.Module, percent: float, until: str = "") -> dict:
     that module: :func:`dompre.train.transfer.freeze_until`); returns counts and the frozen module names."""
     layers = layer_list(model)
     if until:
-        from dompre.train.transfer import freeze_until
         n_frozen = len(freeze_until(model, until, layers))
     else:
         n_frozen = math.floor(len(layers) * percent / 100 + 1e-9)
@@ -285,59 +295,82 @@ def _set_train(model: nn.Module) -> None:
         mod.eval()
 
 
-def _norm_stats(model: nn.Module, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from timm.data import resolve_data_config
-    cfg = resolve_data_config({}, model=model.backbone if hasattr(model, "backbone") else model)
-    mean, std = list(cfg["mean"]), list(cfg["std"])
-    if len(mean) != channels:
-        mean, std = [float(np.mean(mean))] * channels, [float(np.mean(std))] * channels
-    return torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
-
-
 # ------------------------------------------------------------------------------------------- training
-def _augment(size: int):
-    from torchvision.transforms import v2
+def _augment(size: int) -> v2.Compose:
     return v2.Compose([v2.RandomResizedCrop(size, scale=(0.75, 1.0), antialias=True), v2.RandomHorizontalFlip(),
                        v2.RandomRotation(10), v2.ColorJitter(brightness=0.2, contrast=0.2)])
 
 
-class _View(torch.utils.data.Dataset):
-    """``ds`` restricted to ``indices`` with its own transform (train augmentation or none)."""
+class FinetuneTask(nn.Module):
+    """One training batch -> ``{"loss", "task_loss"}``: the task loss, plus LesaNet's triplet loss on the
+    lesion embeddings and the classification-block penalty when the recipe asks (``"triplet_loss"``,
+    ``"head_penalty"``); the fine-tuning step of :func:`dompre.train.engine.fit`, as
+    :class:`~dompre.train.student.NoisyStudentTask` is pretraining's."""
 
-    def __init__(self, ds, indices: np.ndarray, transform=None):
-        self.ds, self.indices, self.transform = ds, np.asarray(indices), transform
+    def __init__(self, model: nn.Module, prep: InputPrep, loss_fn, t: TrainConfig,
+                 progress: "EpochProgress") -> None:
+        super().__init__()
+        self.model, self.prep, self.loss_fn, self.t, self.progress = model, prep, loss_fn, t, progress
 
-    def __len__(self) -> int:
-        return len(self.indices)
+    def forward(self, batch: dict) -> dict:
+        x, target = self.prep(batch["image"]), batch["target"]
+        if self.t.triplet_weight:
+            logits, emb = self.model(x, batch["box"], return_embedding=True)
+            task = self.loss_fn(logits.float(), target)
+            triplet = label_triplet_loss(emb.float(), target, self.t.triplet_margin)
+            out = {"task_loss": task, "triplet_loss": triplet, "loss": task + self.t.triplet_weight * triplet}
+        else:
+            task = self.loss_fn(forward(self.model, x, batch).float(), target)
+            out = {"task_loss": task, "loss": task}
+        pen = head_penalty(classification_block(_unwrap(self.model)), self.t.head_l1, self.t.head_l2)
+        if pen is not None:
+            out["head_penalty"] = pen
+            out["loss"] = out["loss"] + pen
+        self.progress.add_train_loss(float(out["loss"].detach()))
+        return out
 
-    def __getitem__(self, i: int) -> dict:
-        item = self.ds[int(self.indices[i])]
-        if self.transform is not None and getattr(self.transform, "takes_box", False):
-            item["image"], item["box"] = self.transform(item["image"], item["box"])
-        elif self.transform is not None:
-            item["image"] = self.transform(item["image"])
-        return item
 
+class EpochProgress:
+    """Fine-tuning's progress beside the engine's state: the epoch's running train loss, the per-epoch history
+    and the weights of the epoch with the lowest validation loss. Saved with every resume state
+    (``finetune.json`` + ``best.safetensors``), so a resumed run picks the same best epoch and writes the same
+    history as an uninterrupted one."""
 
-def _forward(model: nn.Module, batch: dict, mean: torch.Tensor, std: torch.Tensor, embed: bool = False):
-    x = (batch["image"].float() / 255 - mean.to(batch["image"].device)) / std.to(batch["image"].device)
-    if embed:  # LesaNet: (logits, lesion embeddings)
-        return model(x, batch["box"], return_embedding=True)
-    return model(x, batch["box"]) if "box" in batch else model(x)
+    def __init__(self) -> None:
+        self.history: list[dict] = []
+        self.loss_sum, self.loss_steps = 0.0, 0
+        self.best_loss = math.inf
+        self.best: dict[str, torch.Tensor] | None = None
 
+    def add_train_loss(self, loss: float) -> None:
+        self.loss_sum, self.loss_steps = self.loss_sum + loss, self.loss_steps + 1
 
-def _step_loss(model: nn.Module, batch: dict, mean, std, loss_fn, t: TrainConfig) -> torch.Tensor:
-    """The training loss of one batch: task loss (+ triplet loss on embeddings) (+ classification-block penalty)."""
-    from dompre.train.transfer import classification_block, head_penalty
-    if t.triplet_weight:
-        from dompre.models.lesanet import label_triplet_loss
-        logits, emb = _forward(model, batch, mean, std, embed=True)
-        loss = loss_fn(logits.float(), batch["label"]) + t.triplet_weight * label_triplet_loss(
-            emb.float(), batch["label"], t.triplet_margin)
-    else:
-        loss = loss_fn(_forward(model, batch, mean, std).float(), batch["label"])
-    pen = head_penalty(classification_block(_unwrap(model)), t.head_l1, t.head_l2)
-    return loss if pen is None else loss + pen
+    def end_epoch(self, row: dict, model: nn.Module) -> None:
+        """Record the epoch's ``row`` (with ``val_loss``); keep ``model``'s weights if its loss is the best."""
+        self.history.append(row)
+        self.loss_sum, self.loss_steps = 0.0, 0
+        if row["val_loss"] <= self.best_loss or self.best is None:
+            self.best_loss = row["val_loss"]
+            self.best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    def save(self, folder: Path) -> None:
+        write_atomic(folder / "finetune.json", json.dumps(
+            {"history": self.history, "loss_sum": self.loss_sum, "loss_steps": self.loss_steps,
+             "best_loss": None if math.isinf(self.best_loss) else self.best_loss}))
+        if self.best is not None:
+            write_atomic(folder / "best.safetensors", st_save({k: v.contiguous() for k, v in self.best.items()}))
+
+    def load(self, folder: Path) -> None:
+        try:
+            d = json.loads((folder / "finetune.json").read_text())
+            self.history, self.loss_sum, self.loss_steps = list(d["history"]), float(d["loss_sum"]), \
+                int(d["loss_steps"])
+            self.best_loss = math.inf if d["best_loss"] is None else float(d["best_loss"])
+            best = folder / "best.safetensors"
+            self.best = st_load_file(str(best)) if best.is_file() else None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{folder}: unreadable fine-tuning progress ({e}); delete {folder.parent} to "
+                             f"restart this model") from None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -345,7 +378,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _loss_fn(task: str, train_labels: np.ndarray, class_weights: bool, rhem: float = 0.0):
-    from dompre.models.lesanet import label_weights, weighted_bce
     y = torch.from_numpy(train_labels)
     if task == "multiclass":
         w = None
@@ -360,105 +392,75 @@ def _loss_fn(task: str, train_labels: np.ndarray, class_weights: bool, rhem: flo
     return lambda logits, labels: weighted_bce(logits, labels, w_pos, w_neg)
 
 
-@torch.no_grad()
-def predict(model: nn.Module, loader, accelerator, mean, std, task: str, loss=None) -> dict:
-    """Probabilities, labels, indices, mean loss and forward seconds over ``loader``."""
-    model.eval()
-    scores, labels, index, losses, seconds = [], [], [], [], 0.0
-    for batch in loader:
-        t0 = time.perf_counter()
-        logits = _forward(model, batch, mean, std)
-        prob = logits.softmax(1) if task == "multiclass" else logits.sigmoid()
-        if accelerator.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - t0
-        if loss is not None:
-            losses.append(float(loss(logits.float(), batch["label"])))
-        p, y, i = accelerator.gather_for_metrics((prob.float(), batch["label"], batch["index"]))
-        scores.append(p.cpu().numpy()), labels.append(y.cpu().numpy()), index.append(i.cpu().numpy())
-    cat = (lambda xs, w: np.concatenate(xs) if xs else np.zeros((0, w), np.float32))
-    return {"scores": cat(scores, model.num_classes), "labels": cat(labels, model.num_classes),
-            "index": np.concatenate(index) if index else np.zeros(0, int),
-            "loss": float(np.mean(losses)) if losses else float("nan"), "seconds": seconds}
-
-
-def train_model(recipe: FinetuneRecipe, ds, splits: dict, seed: int, accelerator) -> dict:
-    """Train one model with the finetune strategy; keep the epoch with the lowest val loss."""
-    from accelerate.utils import set_seed, tqdm
-    from timm.optim import create_optimizer_v2
-
-    from dompre.train.transfer import val_score
+def train_model(recipe: FinetuneRecipe, ds, splits: dict, seed: int, accelerator, state_dir: Path) -> dict:
+    """Train one model with the finetune strategy on the engine (resumable from ``state_dir``); keep the epoch
+    with the lowest val loss."""
     t = recipe.train
     set_seed(seed)
     model, init_info = build_model(recipe, len(ds.label_names))
     freeze_info = freeze_layers(model, t.freeze, t.freeze_until)
-    mean, std = _norm_stats(model, recipe.data.channels)
+    prep = InputPrep.for_model(model, None, channels=recipe.data.channels)
     aug = _augment(recipe.data.image_size) if t.augment and recipe.model.head != "lesanet" else None
     if t.box_augment:
-        from dompre.data.downstream import BoxAugment
         aug = BoxAugment()
-    gen = torch.Generator().manual_seed(seed)
-    train_set = _View(ds, splits["train"], aug)
-    mk = (lambda idx, bs, shuffle: torch.utils.data.DataLoader(
-        _View(ds, idx) if not shuffle else train_set, batch_size=bs, shuffle=shuffle, generator=gen,
-        drop_last=shuffle and len(idx) > bs, num_workers=recipe.data.num_workers))
-    train_dl = mk(splits["train"], t.batch_size, True)
-    val_dl = mk(splits["val"], t.eval_batch_size, False)
-    opt_kw = {"momentum": t.momentum} if t.opt in ("sgd", "momentum", "nesterov") else {}
-    opt = create_optimizer_v2(model, opt=t.opt, lr=t.lr, weight_decay=t.weight_decay, **opt_kw)
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, t.epochs)) if t.sched == "cosine" else
-             torch.optim.lr_scheduler.MultiStepLR(opt, list(t.step_epochs), t.gamma) if t.sched == "step" else None)
-    model, opt, train_dl, val_dl = accelerator.prepare(model, opt, train_dl, val_dl)
+    activation = "softmax" if ds.task == "multiclass" else "sigmoid"
+    batch = min(t.batch_size, len(splits["train"]))
+    steps = epoch_steps(len(splits["train"]), batch, accelerator.num_processes, t.max_steps_per_epoch)
+    sampler = StreamSampler(splits["train"], steps * batch, seed, 0)
+    loader = make_loader(Items(ds, transform=aug), sampler, batch, recipe.data.num_workers, seed)
+    if recipe.data.num_workers > 0:
+        gc.collect()
+        gc.freeze()  # forked workers then share the parent's heap instead of copying it (see student.py)
+    opt = create_optimizer(model, t.opt, t.lr, t.weight_decay, t.momentum)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    per_process = len(loader)
+    sched = create_scheduler(opt, t.epochs * per_process, kind=t.sched, lr_min=0.0,
+                             milestones=[e * per_process for e in t.step_epochs], gamma=t.gamma)
     loss_fn = _loss_fn(ds.task, ds.labels[splits["train"]], t.class_weights)
     train_loss_fn = _loss_fn(ds.task, ds.labels[splits["train"]], t.class_weights, t.rhem_fraction if t.rhem else 0)
-    history, best, best_loss = [], None, math.inf
-    for epoch in range(t.epochs):
-        _set_train(model)
-        total, n = 0.0, 0
-        for step, batch in enumerate(tqdm(train_dl, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False, disable=not t.progress)):
-            if t.max_steps_per_epoch and step >= t.max_steps_per_epoch:
-                break
-            loss = _step_loss(model, batch, mean, std, train_loss_fn, t)
-            accelerator.backward(loss)
-            opt.step()
-            opt.zero_grad()
-            total, n = total + float(loss.detach()), n + 1
-        if sched is not None:
-            sched.step()
-        val = predict(model, val_dl, accelerator, mean, std, ds.task, loss_fn) if len(splits["val"]) else None
-        val_loss = val["loss"] if val else total / max(n, 1)
-        history.append({"epoch": epoch + 1, "train_loss": total / max(n, 1), "val_loss": val_loss,
-                        "val_score": val_score(ds.task, val["scores"], val["labels"]) if val else float("nan"),
-                        "lr": opt.param_groups[0]["lr"]})
-        if val_loss <= best_loss or best is None:
-            best_loss, best = val_loss, copy.deepcopy(accelerator.unwrap_model(model).state_dict())
-    accelerator.unwrap_model(model).load_state_dict(best)
-    return {"model": model, "history": history, "init": init_info, "freeze": freeze_info, "mean": mean,
-            "std": std}
+    progress = EpochProgress()
+    task = FinetuneTask(model, prep, train_loss_fn, t, progress)
+    plain = Items(ds)
+
+    def validate(epoch: int) -> dict:
+        train_loss = progress.loss_sum / max(progress.loss_steps, 1)
+        val = (infer(accelerator, model, plain, splits["val"], prep, t.eval_batch_size, activation=activation,
+                     loss_fn=loss_fn, num_workers=recipe.data.num_workers) if len(splits["val"]) else None)
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val.loss if val else train_loss,
+               "val_score": val_score(ds.task, val.scores, val.targets) if val else float("nan"),
+               "lr": opt.param_groups[0]["lr"]}
+        progress.end_epoch(row, accelerator.unwrap_model(model))
+        return {k: v for k, v in row.items() if k != "epoch"}
+
+    fit(accelerator, model=model, optimizer=opt, scheduler=sched, loaders=[loader], samplers=[sampler],
+        step_fn=task, epochs=t.epochs, steps_per_epoch=per_process, state_dir=state_dir, position=Position(),
+        stage="finetune", checkpoint_every=t.checkpoint_every, log_every=t.log_every, progress=t.progress,
+        train_mode=lambda: _set_train(model), on_epoch_end=validate, extras=[progress])
+    unwrapped = accelerator.unwrap_model(model)
+    if progress.best is not None:
+        unwrapped.load_state_dict(progress.best)
+    return {"model": unwrapped.eval(), "history": progress.history, "init": init_info, "freeze": freeze_info,
+            "prep": prep}
 
 
 # ------------------------------------------------------------------------------------ feature extraction
 def run_features(recipe: FinetuneRecipe, ds, splits: dict) -> dict:
     """Feature-extraction strategy: frozen model features (:mod:`dompre.train.features`) into a scikit-learn
     linear classifier."""
-    from accelerate.utils import set_seed
-
-    from dompre.train.features import extract, fit_encoding, fit_linear, linear_scores
     set_seed(recipe.seed)
     model, init_info = build_model(recipe, len(ds.label_names))
-    mean, std = _norm_stats(model, recipe.data.channels)
-    dl = (lambda idx: torch.utils.data.DataLoader(_View(ds, idx), batch_size=recipe.train.eval_batch_size,
-                                                  num_workers=recipe.data.num_workers))
+    prep = InputPrep.for_model(model, None, channels=recipe.data.channels)
+    dl = (lambda idx: batch_loader(Items(ds), idx, recipe.train.eval_batch_size, recipe.data.num_workers))
     t, out = recipe.train, {}
     kw = dict(layer=str(t.feature_layer), pool=t.feature_pool, scales=t.feature_scales, seed=recipe.seed)
     if t.feature_encoding == "vlad":  # k-means on a sample of the train descriptors, then VLAD batch by batch
         per_image = max(1, math.ceil(100_000 / max(1, len(splits["train"]))))
-        sample = extract(model, dl(splits["train"]), mean, std, local=True, keep=per_image, **kw)[0]
+        sample = extract(model, dl(splits["train"]), prep, local=True, keep=per_image, **kw)[0]
         encode = fit_encoding(sample, "vlad", vlad_k=t.vlad_k, seed=recipe.seed)
-        out = {name: extract(model, dl(splits[name]), mean, std, local=True, encode=encode, **kw)
+        out = {name: extract(model, dl(splits[name]), prep, local=True, encode=encode, **kw)
                for name in ("train", "val", "test")}
     else:
-        out = {name: extract(model, dl(splits[name]), mean, std, **kw) for name in ("train", "val", "test")}
+        out = {name: extract(model, dl(splits[name]), prep, **kw) for name in ("train", "val", "test")}
         encode = fit_encoding(out["train"][0], t.feature_encoding, pca_dim=t.pca_dim, seed=recipe.seed)
         out = {name: (encode(f), y, sec) for name, (f, y, sec) in out.items()}
     (xtr, ytr, _), k = out["train"], len(ds.label_names)
@@ -484,7 +486,6 @@ def run_features(recipe: FinetuneRecipe, ds, splits: dict) -> dict:
 # ------------------------------------------------------------------------------------------ evaluation
 def evaluate(task: str, val: dict, test: dict, label_names: list[str], parents=None) -> dict:
     """Metrics of test scores: LesaNet protocol (thresholds from val) or the single-label report."""
-    from dompre.train.metrics import auc_micro, choose_thresholds, classification_report, lesanet_eval
     if task == "multilabel":
         ths = (choose_thresholds(val["scores"], val["labels"]) if len(val["scores"])
                else np.full(len(label_names), 0.5))
@@ -508,7 +509,6 @@ def _write_json(obj, path: Path) -> None:
 
 def prepare_data(recipe: FinetuneRecipe):
     """(dataset, splits) of ``recipe``."""
-    from dompre.data.downstream import build_dataset, make_splits
     d = recipe.data
     kw = {"image_size": d.image_size, "channels": d.channels}
     if d.kind == "lesanet":
@@ -519,7 +519,6 @@ def prepare_data(recipe: FinetuneRecipe):
         raise ValueError(f"model.head=lesanet needs lesion boxes: use data.kind lesanet or deeplesion_type, "
                          f"not {d.kind}")
     if d.clahe:
-        from dompre.data.downstream import Clahe
         kw["transform"] = Clahe(d.clahe_clip, d.clahe_tiles, color=d.kind == "kvasir")
     ds = build_dataset(d.kind, d.root, **kw)
     splits = make_splits(ds, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed,
@@ -531,86 +530,91 @@ def prepare_data(recipe: FinetuneRecipe):
     return ds, splits
 
 
-@torch.no_grad()
-def _embeddings(model: nn.Module, loader, mean, std) -> np.ndarray:
-    """Pre-logits features (N, D) of ``loader`` (LesaNet: its concatenated RoI features)."""
-    model.eval()
-    out = []
-    for batch in loader:
-        x = (batch["image"].float() / 255 - mean.to(batch["image"].device)) / std.to(batch["image"].device)
-        m = _unwrap(model)
-        f = (m.forward_features(x, batch["box"]) if "box" in batch
-             else m.forward_head(m.forward_features(x), pre_logits=True))
-        out.append(f.flatten(1).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+def _check_resumable(recipe: FinetuneRecipe, out: Path) -> None:
+    """An interrupted run (``out/state``) resumes only under the recipe it was started with."""
+    saved = out / "recipe.yaml"
+    if not (out / "state").is_dir() or not saved.is_file():
+        return
+    old = yaml.safe_load(saved.read_text()) or {}
+    new = recipe_to_dict(recipe)
+    ignore = {("train", "progress"), ("data", "num_workers"), ("out_dir",)}
+    diff = [f"{sec}.{k}" for sec, v in new.items() if isinstance(v, dict)
+            for k in v if (sec, k) not in ignore and (old.get(sec) or {}).get(k) != v[k]]
+    diff += [k for k, v in new.items() if not isinstance(v, dict) and (k,) not in ignore and old.get(k) != v]
+    if diff:
+        raise UserError(f"{out} holds an interrupted fine-tuning run with other settings for {diff}; rerun with the "
+                        f"recipe in {saved} to resume it, or choose another out_dir")
 
 
 def run_finetune(recipe: FinetuneRecipe, out_dir: str | Path | None = None) -> dict:
-    """Run one recipe end to end and write its run folder; returns the metrics dict (also ``metrics.json``)."""
-    from accelerate import Accelerator
+    """Run one recipe end to end and write its run folder; returns the metrics dict (also ``metrics.json``).
 
-    from dompre.train import downstream_plots as plots
-    from safetensors.torch import save_file
+    Resumable: a killed run (even ``kill -9``) rerun with the same recipe and folder continues from its latest
+    state in ``out/state/`` and ends with the metrics of an uninterrupted run; the state goes once the run's
+    results are written."""
     out = Path(out_dir or recipe.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _check_resumable(recipe, out)
     (out / "metrics.json").unlink(missing_ok=True)  # results of an earlier recipe must not outlive a rerun
     save_recipe(recipe, out / "recipe.yaml")
     ds, splits = prepare_data(recipe)
+    activation = "softmax" if ds.task == "multiclass" else "sigmoid"
     if recipe.train.strategy == "features":
         res = run_features(recipe, ds, splits)
         val, test, histories, extra = res["val"], res["test"], [], {"feature_dim": res["feature_dim"]}
         init_info, seconds, freeze_info = res["init"], test["seconds"], None
     else:
-        accelerator = Accelerator()
-        runs = [train_model(recipe, ds, splits, recipe.seed + m, accelerator) for m in range(recipe.model.n_models)]
-        mk = (lambda idx: accelerator.prepare(torch.utils.data.DataLoader(
-            _View(ds, idx), batch_size=recipe.train.eval_batch_size, num_workers=recipe.data.num_workers)))
-        val_dl, test_dl = mk(splits["val"]), mk(splits["test"])
-        preds = [(predict(r["model"], val_dl, accelerator, r["mean"], r["std"], ds.task),
-                  predict(r["model"], test_dl, accelerator, r["mean"], r["std"], ds.task)) for r in runs]
-        val = {"scores": np.mean([p[0]["scores"] for p in preds], 0), "labels": preds[0][0]["labels"]}
-        test = {"scores": np.mean([p[1]["scores"] for p in preds], 0), "labels": preds[0][1]["labels"],
-                "index": preds[0][1]["index"]}
-        seconds = sum(p[1]["seconds"] for p in preds)
+        t = recipe.train
+        accelerator = make_accelerator(out, mixed_precision=t.mixed_precision, trackers=False)
+        runs = [train_model(recipe, ds, splits, recipe.seed + m, accelerator, out / "state" / f"model_{m}")
+                for m in range(recipe.model.n_models)]
+        plain = Items(ds)
+        preds = [{name: infer(accelerator, r["model"], plain, splits[name], r["prep"], t.eval_batch_size,
+                              activation=activation, num_workers=recipe.data.num_workers)
+                  for name in ("val", "test")} for r in runs]
+        val = {"scores": np.mean([p["val"].scores for p in preds], 0), "labels": preds[0]["val"].targets}
+        test = {"scores": np.mean([p["test"].scores for p in preds], 0), "labels": preds[0]["test"].targets,
+                "index": np.asarray(splits["test"])}
+        if not len(splits["val"]):
+            val = {"scores": np.zeros((0, len(ds.label_names))), "labels": np.zeros((0, len(ds.label_names)))}
+        seconds = sum(p["test"].seconds for p in preds)
         histories = [r["history"] for r in runs]
         init_info, freeze_info, extra = runs[0]["init"], runs[0]["freeze"], {}
-        if recipe.train.save_features:
-            test["features"] = _embeddings(runs[0]["model"], test_dl, runs[0]["mean"], runs[0]["std"])
-        if recipe.train.save_models and accelerator.is_main_process:
+        if t.save_features:
+            test["features"] = extract(runs[0]["model"], batch_loader(plain, splits["test"], t.eval_batch_size),
+                                       runs[0]["prep"])[0]
+        if t.save_models and accelerator.is_main_process:
             for m, r in enumerate(runs):
-                sd = {n: t.detach().cpu().contiguous() for n, t in accelerator.unwrap_model(r["model"]).state_dict().items()}
-                save_file(sd, str(out / f"model_{m}.safetensors.tmp"))
-                os.replace(out / f"model_{m}.safetensors.tmp", out / f"model_{m}.safetensors")
+                sd = {n: v.detach().cpu().contiguous() for n, v in r["model"].state_dict().items()}
+                write_atomic(out / f"model_{m}.safetensors", st_save(sd))
     parents = None
     if recipe.data.ontology and ds.task == "multilabel":
-        from dompre.data.deeplesion import load_ontology
         parents = load_ontology(recipe.data.ontology).parent_indices(ds.label_names)
     ev = evaluate(ds.task, val, test, ds.label_names, parents=parents)
     n_test = len(test["scores"])
-    from dompre.train.transfer import convergence
     conv = [convergence(h) for h in histories]
     if conv:
         extra["convergence"] = {"best_epoch": float(np.mean([c["best_epoch"] for c in conv])),
                                 "best_val_score": float(np.mean([c["best_val_score"] for c in conv])),
                                 "per_model": conv}
     if recipe.train.save_features and "features" in test:
-        import io
-        buf = io.BytesIO()
-        np.savez(buf, features=np.asarray(test["features"], np.float32), labels=test["labels"])
-        write_atomic(out / "features.npz", buf.getvalue())
+        with atomic_open(out / "features.npz") as f:
+            np.savez(f, features=np.asarray(test["features"], np.float32), labels=test["labels"])
     result = {"task": ds.task, "dataset": recipe.data.kind, "label_names": ds.label_names,
               "n": {s: int(len(v)) for s, v in splits.items()}, "skipped": len(ds.skipped),
               "init": init_info, "strategy": recipe.train.strategy, "freeze_percent": recipe.train.freeze,
               "freeze": freeze_info, "n_models": recipe.model.n_models, "seed": recipe.seed,
               "test": ev["metrics"], "fps": n_test / seconds if seconds > 0 else float("nan"),
               "history": histories, **extra}
-    ev["table"].to_csv(out / "per_label.csv")
-    np.savez(out / "predictions.npz", scores=test["scores"], labels=test["labels"],
-             index=np.asarray(test.get("index", splits["test"])))
+    with atomic_open(out / "per_label.csv", "w") as f:
+        ev["table"].to_csv(f)
+    with atomic_open(out / "predictions.npz") as f:
+        np.savez(f, scores=test["scores"], labels=test["labels"], index=np.asarray(test.get("index", splits["test"])))
     plots.plot_roc(test["scores"], test["labels"], ds.label_names, out / "roc.png")
     if ds.task == "multiclass":
         plots.plot_confusion(np.asarray(ev["metrics"]["confusion_matrix"]), ds.label_names, out / "confusion.png")
     if histories:
         plots.plot_learning_curves(histories, out / "learning_curves.png")
     _write_json(result, out / "metrics.json")
+    shutil.rmtree(out / "state", ignore_errors=True)  # dompre's own resume state; the results are written
     return result

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+from accelerate.utils import tqdm
+
+from dompre._io import atomic_open, write_atomic
+from dompre.train.engine import Items, outputs
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +109,8 @@ def _chunk_name(start: int, end: int) -> str:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_open(path) as f:
         np.save(f, array)
-    os.replace(tmp, path)
 
 
 def chunk_ranges(n: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -175,20 +176,6 @@ class PseudoLabels:
 
 
 # --------------------------------------------------------------------------- labeling pass
-class _RangeImages(torch.utils.data.Dataset):
-    """Dataset whose item ``(start, end)`` is the uint8 batch ``store.images(start..end)``."""
-
-    def __init__(self, store) -> None:
-        self.store = store
-
-    def __len__(self) -> int:
-        return len(self.store)
-
-    def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
-        s, e = item
-        return torch.from_numpy(np.ascontiguousarray(self.store.images(np.arange(s, e))))
-
-
 @torch.no_grad()
 def label_store(accelerator, model: torch.nn.Module, store, folder: str | Path, *, label_names: Sequence[str],
                 prepare_input, top_k: int, batch_size: int, chunk_size: int, num_workers: int = 0,
@@ -209,8 +196,6 @@ def label_store(accelerator, model: torch.nn.Module, store, folder: str | Path, 
     Returns:
         The folder.
     """
-    from accelerate.utils import tqdm
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     n = len(store)
@@ -221,20 +206,17 @@ def label_store(accelerator, model: torch.nn.Module, store, folder: str | Path, 
     mine = [c for c in rank_chunks(n, chunk_size, accelerator.process_index, accelerator.num_processes)
             if not chunk_done(folder, *c)]
     batches = [(b, min(b + batch_size, e)) for s, e in mine for b in range(s, e, batch_size)]
-    loader = torch.utils.data.DataLoader(_RangeImages(store), sampler=batches, batch_size=None,
+    loader = torch.utils.data.DataLoader(Items(store), batch_sampler=[list(range(*b)) for b in batches],
                                          num_workers=num_workers, pin_memory=torch.cuda.is_available())
-    model.eval()
     pending: dict[tuple[int, int], list] = {c: [] for c in mine}
     chunk_of = {b: c for c in mine for b in [(x, min(x + batch_size, c[1])) for x in range(c[0], c[1], batch_size)]}
     written = 0
     bar = tqdm(total=sum(e - s for s, e in mine), desc="pseudo-label", unit="img",
                disable=not progress, main_process_only=True)
-    for b, x in zip(batches, loader):
-        with accelerator.autocast():
-            probs = torch.sigmoid(model(prepare_input(x.to(accelerator.device))).float())
+    for b, (_, logits) in zip(batches, outputs(accelerator, model, loader, prepare_input)):
         c = chunk_of[b]
-        pending[c].append(topk(probs, top_k))
-        bar.update(len(x))
+        pending[c].append(topk(torch.sigmoid(logits), top_k))
+        bar.update(b[1] - b[0])
         if b[1] == c[1]:
             parts = pending.pop(c)
             write_chunk(folder, c[0], c[1], np.concatenate([p[0] for p in parts]),
@@ -251,8 +233,6 @@ def label_store(accelerator, model: torch.nn.Module, store, folder: str | Path, 
                                f"(first {missing[0]}); rerun to complete")
         info = {"num_inputs": n, "chunk_size": chunk_size, "top_k": top_k, "label_names": list(label_names),
                 "store": str(getattr(store, "path", ""))}
-        tmp = folder / "index.json.tmp"
-        tmp.write_text(json.dumps(info, indent=1))
-        os.replace(tmp, folder / "index.json")
+        write_atomic(folder / "index.json", json.dumps(info, indent=1))
     accelerator.wait_for_everyone()
     return folder

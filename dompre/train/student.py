@@ -8,7 +8,6 @@ Epochs count passes over the labeled training rows; the pseudo-labeled stream ru
 from __future__ import annotations
 
 import gc
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +17,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from dompre.train.config import PseudoConfig, StudentConfig
-from dompre.train.engine import SeededImages, StreamSampler, make_loader
+from dompre.train.engine import Items, StreamSampler, epoch_steps, make_loader
 from dompre.train.pseudo_label import PseudoLabels, balance_weights
 
 
@@ -40,7 +39,7 @@ def noise_params(transform: v2.Compose, in_size: int, seed: int) -> np.ndarray:
     """float32 (7,) noise of one (3, in_size, in_size) item under ``seed``, in :data:`NOISE_FIELDS` order.
 
     The draws are the CPU path's own: ``transform``'s torchvision ``make_params`` and apply-coin calls, in its
-    order, under the same seeded torch RNG as :class:`~dompre.train.engine.SeededImages`, so both paths give
+    order, under the same seeded torch RNG as :class:`~dompre.train.engine.Items`, so both paths give
     an item the same crop, angle and flips (hence the same distributions). Cheap: no pixel is touched.
 
     Raises:
@@ -108,8 +107,8 @@ class DeviceNoise:
         return torch.where(auto.view(b, 1, 1, 1) > 0, stretched, out)
 
 
-class SeededNoiseParams(SeededImages):
-    """:class:`SeededImages` for ``augment_on: device``: the loader reads uint8 only and adds each item's noise
+class SeededNoiseParams(Items):
+    """:class:`~dompre.train.engine.Items` for ``augment_on: device``: the loader reads uint8 only and adds each item's noise
     parameters (``"noise"``, float32 (7,)), drawn from the item's seed; :class:`DeviceNoise` applies them."""
 
     def __init__(self, store, targets, transform: v2.Compose) -> None:
@@ -118,7 +117,7 @@ class SeededNoiseParams(SeededImages):
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         out = super().__getitem__(item)
-        out["noise"] = torch.from_numpy(noise_params(self.noise, self.store.image_size, item[1]))
+        out["noise"] = torch.from_numpy(noise_params(self.noise, self.source.image_size, item[1]))
         return out
 
 
@@ -251,12 +250,11 @@ def build_loaders(labeled_store, train_rows: np.ndarray, labeled_targets, *, lab
         # frozen objects are never scanned, so each worker no longer copies the parent's Python heap
         gc.collect()
         gc.freeze()
-    steps = max(1, len(train_rows) // labeled_batch)
-    steps = math.ceil(steps / world) * world
+    steps = epoch_steps(len(train_rows), labeled_batch, world)
     if augment_on not in ("cpu", "device"):
         raise ValueError(f"augment_on={augment_on!r}: choose 'cpu' or 'device'")
     noise = None
-    images = SeededImages
+    images = Items
     if augment_on == "device" and transform is not None:
         noise_params(transform, labeled_store.image_size, 0)  # refuse a noise it cannot apply, before training
         crop = [t for t in transform.transforms if isinstance(t, v2.RandomResizedCrop)]

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.scheduler import CosineLRScheduler
 
-from dompre.train.engine import Position, fit
+from dompre.train.engine import Position, create_optimizer, create_scheduler, fit
 from dompre.train.student import NoisyStudentTask, StudentData
 
 logger = logging.getLogger(__name__)
@@ -39,18 +38,6 @@ def model_kwargs(model: torch.nn.Module) -> dict:
     return {"num_classes": int(model.num_classes)}
 
 
-def create_optimizer(model: torch.nn.Module, opt: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """A timm optimizer (``lookahead_radam`` = Ranger)."""
-    from timm.optim import create_optimizer_v2
-    return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay)
-
-
-def create_scheduler(optimizer, total_steps: int, warmup_steps: int) -> CosineLRScheduler:
-    """Cosine decay over ``total_steps`` optimizer steps with linear warmup; driven by ``step_update(n)``."""
-    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps), lr_min=1e-6, warmup_t=warmup_steps,
-                             warmup_lr_init=1e-5, warmup_prefix=True, t_in_epochs=False)
-
-
 def train_stage(accelerator, *, model: torch.nn.Module, loss_fn: torch.nn.Module, prep, data: StudentData,
                 opt: str, lr: float, weight_decay: float, epochs: int, warmup_epochs: float,
                 state_dir: str | Path, position: Position, stage: str, train_cfg, pseudo_weight: float = 1.0,
@@ -63,7 +50,7 @@ def train_stage(accelerator, *, model: torch.nn.Module, loss_fn: torch.nn.Module
     steps = len(loaders[0])
     if steps == 0:
         raise ValueError(f"{stage}: no training batch; the labeled training set is smaller than the batch size")
-    scheduler = create_scheduler(optimizer, epochs * steps, int(warmup_epochs * steps))
+    scheduler = create_scheduler(optimizer, epochs * steps, warmup_steps=int(warmup_epochs * steps))
     task = NoisyStudentTask(model, loss_fn.to(accelerator.device), prep, pseudo_weight, noise=data.noise)
 
     def step_fn(labeled: dict, pseudo: dict | None = None) -> dict:
