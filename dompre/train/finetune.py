@@ -330,7 +330,7 @@ def _step_loss(model: nn.Module, batch: dict, mean, std, loss_fn, t: TrainConfig
     """The training loss of one batch: task loss (+ triplet loss on embeddings) (+ classification-block penalty)."""
     from dompre.train.transfer import classification_block, head_penalty
     if t.triplet_weight:
-        from dompre.models.lesanet import label_triplet_loss
+        from dompre.train.losses import label_triplet_loss
         logits, emb = _forward(model, batch, mean, std, embed=True)
         loss = loss_fn(logits.float(), batch["label"]) + t.triplet_weight * label_triplet_loss(
             emb.float(), batch["label"], t.triplet_margin)
@@ -345,19 +345,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _loss_fn(task: str, train_labels: np.ndarray, class_weights: bool, rhem: float = 0.0):
-    from dompre.models.lesanet import label_weights, weighted_bce
-    y = torch.from_numpy(train_labels)
+    from dompre.train.losses import WeightedFocalLoss, label_weights
     if task == "multiclass":
+        y = torch.from_numpy(train_labels)
         w = None
         if class_weights:
             counts = y.sum(0).clamp(min=1)
             w = counts.sum() / (len(counts) * counts)
         return lambda logits, labels: F.cross_entropy(logits, labels.argmax(1),
                                                       weight=None if w is None else w.to(logits))
-    w_pos, w_neg = label_weights(y) if class_weights else (None, None)
-    if rhem:
-        return lambda logits, labels: weighted_bce(logits, labels, w_pos, w_neg, hard_fraction=rhem)
-    return lambda logits, labels: weighted_bce(logits, labels, w_pos, w_neg)
+    w_pos, w_neg = label_weights(train_labels) if class_weights else (None, None)
+    return WeightedFocalLoss(w_pos, w_neg, gamma=0.0, hard_fraction=rhem)  # gamma 0: weighted BCE
 
 
 @torch.no_grad()
