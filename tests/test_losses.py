@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from dompre.train.config import LossConfig
 from dompre.train.losses import MAX_LABEL_WEIGHT, WeightedFocalLoss, label_weights, label_triplet_loss
 
 NAN = float("nan")
@@ -40,7 +41,7 @@ def test_label_weights_values_cap_and_edge_cases():
     torch_wp, torch_wn = label_weights(torch.from_numpy(y))  # torch input: the same numbers
     np.testing.assert_array_equal(torch_wp, wp)
     np.testing.assert_array_equal(torch_wn, wn)
-    assert MAX_LABEL_WEIGHT == 20.0
+    assert MAX_LABEL_WEIGHT == LossConfig().max_label_weight == 20.0  # the recipe default is the one cap
     with pytest.raises(ValueError, match="matrix"):
         label_weights(np.zeros(3))
 

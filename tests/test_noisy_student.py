@@ -48,8 +48,8 @@ def _overrides(stores, out, **extra):
     o = {"output_dir": str(out), "iterations": 1, "data.labeled_store": str(stores / "lab"),
          "data.unlabeled_store": str(stores / "unl"), "data.label_class": "all", "model.name": "maknet_tiny",
          "model.img_size": 32, "model.drop_path_rate": 0.0, "teacher.epochs": 2, "teacher.batch_size": 4,
-         "teacher.lr": 0.003, "pseudo.batch_size": 8, "pseudo.chunk_size": 16, "student.labeled_epochs": 1,
-         "student.labeled_batch": 4, "student.pseudo_batch": 4, "student.lr": 0.003,
+         "optim.lr": 0.003, "pseudo.batch_size": 8, "pseudo.chunk_size": 16, "student.labeled_epochs": 1,
+         "student.labeled_batch": 4, "student.pseudo_batch": 4,
          "train.num_workers": 0, "train.checkpoint_every": 1, "train.progress": False, "eval.batch_size": 16}
     o.update(extra)
     return [f"{k}={v}" for k, v in o.items()]
@@ -84,6 +84,12 @@ def test_end_to_end_outputs(reference):
     idx = np.load(next((out / "iter0" / "pseudo").glob("topk-000000016-*.idx.npy")))
     assert idx.dtype == np.int16 and idx.shape == (16, 3)
     assert len((out / "metrics.md").read_text().strip().splitlines()) == 4  # header, rule, 2 iterations
+    import yaml
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())  # each role's effective settings, in full
+    for role in ("teacher", "student"):
+        assert saved[role]["optim"] == {"opt": "lookahead_radam", "lr": 0.003, "weight_decay": 0.0001,
+                                        "warmup_epochs": 0.5}
+        assert saved[role]["loss"] == {"focal_gamma": 2.0, "max_label_weight": 20.0, "hard_fraction": 0.0}
 
 
 @pytest.mark.parametrize("debug", [
@@ -208,7 +214,7 @@ def test_checkpoints_record_the_measured_metrics_for_the_model_card(reference):
 def test_teacher_and_student_learn_the_separable_toy_task(stores, tmp_path):
     """Each label lights one quadrant: a teacher (60 epochs) and its student (30, from the teacher) must both separate
     the labels on the test rows (chance is 0.5), so a loop that stops learning fails here."""
-    result = _run(stores, tmp_path / "run", **{"teacher.epochs": 60, "teacher.lr": 0.01, "student.lr": 0.01,
+    result = _run(stores, tmp_path / "run", **{"teacher.epochs": 60, "optim.lr": 0.01,
                                               "student.labeled_epochs": 30, "student.init": "teacher", "pseudo.unkept": "soft"})
     aucs = [r["metrics"]["test"]["auc"] for r in result["results"]]
     assert len(aucs) == 2 and min(aucs) > 0.9, aucs
