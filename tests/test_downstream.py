@@ -1,17 +1,13 @@
 """Downstream dataset readers on tiny copies of the real layouts, splits, and the LesaNet head."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _downstream_layouts import CXR_FINDINGS, TERMS, make_chestxray14, make_deeplesion, make_kvasir, make_pneumonia  # noqa: E402
+from _downstream_layouts import CXR_FINDINGS, TERMS, make_chestxray14, make_deeplesion, make_kvasir, make_pneumonia
 
-from dompre.data.downstream import (  # noqa: E402
+from dompre.data.downstream import (
     ChestXray14, DeepLesion, Kvasir, PediatricPneumonia, make_splits, read_chestxray14_csv,
 )
 

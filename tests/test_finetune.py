@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +12,9 @@ import pytest
 import timm
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _downstream_layouts import make_chestxray14, make_deeplesion, make_kvasir, make_pneumonia  # noqa: E402
+from _downstream_layouts import make_chestxray14, make_deeplesion, make_kvasir, make_pneumonia
 
-from dompre.train.finetune import build_model, freeze_layers, layer_list, load_finetune_recipe, run_finetune  # noqa: E402
+from dompre.train.finetune import build_model, freeze_layers, layer_list, load_finetune_recipe, run_finetune
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY = ["model.arch=test_resnet", "data.image_size=32", "train.epochs=1", "train.batch_size=8",

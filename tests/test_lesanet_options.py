@@ -2,17 +2,15 @@
 forms are in test_losses.py)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _downstream_layouts import make_deeplesion  # noqa: E402
+from _downstream_layouts import make_deeplesion
 
-from dompre.train.finetune import load_finetune_recipe, run_finetune  # noqa: E402
+from dompre.train.finetune import load_finetune_recipe, run_finetune
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
