@@ -6,7 +6,7 @@ training stages resume from their latest ``save_state``, pseudo-labeling from it
 
 Output folder::
 
-    recipe.yaml                      the resolved recipe
+    recipe.yaml                      the resolved recipe (each role's effective optim: and loss: in full)
     iter0/ ... iterN/                iteration 0 is the teacher, 1..N the students
       state/step-*/                  accelerate save_state (latest only; removed once the stage is done)
       checkpoint/                    dompre.export checkpoint (model.safetensors + checkpoint.json)
@@ -36,6 +36,11 @@ from dompre.recipes import load_recipe, recipe_to_dict, save_recipe
 from dompre.train.config import PretrainRecipe, check_recipe
 
 logger = logging.getLogger("dompre.noisy_student")
+
+RESOLVED_HEADER = """The resolved recipe of this run: teacher.optim / teacher.loss, student.optim / student.loss and
+pseudo_pretrain.loss hold the values each role trained with (the shared optim: / loss: sections with the role's
+overrides, written out in full). Reused as a recipe, a change to a shared optim.* / loss.* key no longer reaches
+these roles: change the role's own keys."""
 
 
 # --------------------------------------------------------------------------- data
@@ -155,9 +160,11 @@ def _train_iteration(accelerator, recipe: PretrainRecipe, data: RunData, it: int
     from dompre.train.teacher import create_model, train_stage
 
     r, L = recipe, len(data.label_names)
+    role = "teacher" if it == 0 else "student"
+    optim, loss = r.optim_for(role), r.loss_for(role)  # shared optim:/loss: with the role's own overrides
     set_seed(r.seed + 1000 * it)  # each stage starts from its own seed, whatever ran before in this process
-    wp, wn = label_weights(data.labels[data.train_rows], r.teacher.max_label_weight)
-    loss_fn = WeightedFocalLoss(wp, wn, gamma=r.teacher.focal_gamma)
+    wp, wn = label_weights(data.labels[data.train_rows], loss.max_label_weight)
+    loss_fn = WeightedFocalLoss(wp, wn, gamma=loss.focal_gamma, hard_fraction=loss.hard_fraction)
     common = dict(labeled_batch=r.teacher.batch_size, seed=r.seed, stage=it, num_workers=r.train.num_workers,
                   world=accelerator.num_processes, augment_on=r.train.augment_on)
     info: dict = {"iteration": it}
@@ -167,7 +174,7 @@ def _train_iteration(accelerator, recipe: PretrainRecipe, data: RunData, it: int
         model = create_model(arch, L, pretrained=r.model.pretrained)
         transform = noise_transform(r.student, r.model.img_size) if r.teacher.augment else None
         loaders = build_loaders(data.labeled, data.train_rows, data.labels, transform=transform, **common)
-        epochs, lr, pseudo_weight = r.teacher.epochs, r.teacher.lr, 1.0
+        epochs, pseudo_weight = r.teacher.epochs, 1.0
     else:
         arch = r.model.student_name or r.model.name
         model = create_model(arch, L, drop_rate=r.model.drop_rate, drop_path_rate=r.model.drop_path_rate,
@@ -183,11 +190,11 @@ def _train_iteration(accelerator, recipe: PretrainRecipe, data: RunData, it: int
                                 transform=noise_transform(r.student, r.model.img_size),
                                 unlabeled_store=data.unlabeled, pseudo_rows_=rows, pseudo_targets=targets,
                                 pseudo_batch=r.student.pseudo_batch, pseudo_weights=weights, **common)
-        epochs, lr, pseudo_weight = r.student.labeled_epochs, r.student.lr, r.student.pseudo_weight
+        epochs, pseudo_weight = r.student.labeled_epochs, r.student.pseudo_weight
     prep = InputPrep.for_model(model, r.model.img_size, r.train.channels_last)
-    model = train_stage(accelerator, model=model, loss_fn=loss_fn, prep=prep, data=loaders, opt=r.teacher.opt,
-                        lr=lr, weight_decay=r.teacher.weight_decay, epochs=epochs,
-                        warmup_epochs=r.teacher.warmup_epochs, state_dir=stage / "state", position=position,
+    model = train_stage(accelerator, model=model, loss_fn=loss_fn, prep=prep, data=loaders, opt=optim.opt,
+                        lr=optim.lr, weight_decay=optim.weight_decay, epochs=epochs,
+                        warmup_epochs=optim.warmup_epochs, state_dir=stage / "state", position=position,
                         stage=f"iter{it}", train_cfg=r.train, pseudo_weight=pseudo_weight, fail_after_steps=fail)
     return model, arch, info
 
@@ -207,17 +214,22 @@ def _pseudo_targets(recipe: PretrainRecipe, data: RunData, prev: Path) -> tuple:
 
 
 def _check_same_run(recipe: PretrainRecipe, out: Path) -> None:
-    """A resumed output_dir must hold the same recipe (train/debug/iterations settings may differ)."""
+    """A resumed output_dir must hold the same recipe (train/debug/iterations settings may differ).
+
+    Compared as :meth:`~dompre.train.config.PretrainRecipe.resolved` (each role's effective settings), the form
+    the run folder keeps."""
     import yaml
     saved = out / "recipe.yaml"
     if not saved.is_file():
         return
     old = yaml.safe_load(saved.read_text()) or {}
-    new = recipe_to_dict(recipe)
+    new = recipe_to_dict(recipe.resolved())
     skip = {"train", "debug", "iterations", "output_dir", "eval", "pseudo_pretrain"}
     diff = [k for k in new if k not in skip and old.get(k) != new[k]]
     if diff:
-        raise ValueError(f"{out} holds a run with other settings for {diff}; use a new output_dir or the "
+        layout = (" (it was written before the shared optim:/loss: sections; its teacher: settings were every "
+                  "role's)" if "optim" not in old else "")
+        raise ValueError(f"{out} holds a run with other settings for {diff}{layout}; use a new output_dir or the "
                          f"recipe in {saved}")
 
 
@@ -278,7 +290,7 @@ def run(recipe: PretrainRecipe, accelerator=None, data: RunData | None = None) -
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         _check_same_run(recipe, out)
-        save_recipe(recipe, out / "recipe.yaml")
+        save_recipe(recipe.resolved(), out / "recipe.yaml", header=RESOLVED_HEADER)
     accelerator.wait_for_everyone()
     accelerator.init_trackers("dompre", config={"seed": recipe.seed, "iterations": recipe.iterations,
                                                 "model": recipe.model.name, "labels": len(data.label_names)})

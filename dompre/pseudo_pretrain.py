@@ -10,7 +10,8 @@ same loaders, loss and resume), with the pseudo-labeled rows as its only trainin
 1. the final model (``iterN``) labels the unlabeled store into ``iterN/pseudo`` (resumable, as every stage);
 2. the kept pseudo-labels (``pseudo.*`` rules, the final model's validation thresholds when
    ``pseudo.val_thresholds``) are the targets; the labeled store is used for evaluation only;
-3. ``pseudo_pretrain.arch`` (the paper: ``vgg16``, 5 epochs) trains on them: ``pseudo_pretrain/checkpoint``,
+3. ``pseudo_pretrain.arch`` (the paper: ``vgg16``, 5 epochs, its own optimizer keys; the loss: the shared
+   ``loss:`` with ``pseudo_pretrain.loss`` overrides) trains on them: ``pseudo_pretrain/checkpoint``,
    ``pseudo_pretrain/metrics.json`` (the LesaNet metrics on the labeled val/test rows) and
    ``pseudo_pretrain/export`` (a timm folder: ``model.init=domain model.weights=.../export`` in a fine-tuning
    recipe, e.g. ``recipes/seeds/virk2020_table3_lesanet.yaml``).
@@ -72,11 +73,13 @@ def run_pseudo_pretrain(accelerator, recipe, data, out: Path, final_model, posit
         loaders = build_loaders(data.unlabeled, rows, targets, labeled_batch=cfg.batch_size, seed=r.seed,
                                 stage=r.iterations + 1, num_workers=r.train.num_workers,
                                 world=accelerator.num_processes, transform=transform)
-        wp, wn = label_weights(data.labels[data.train_rows], r.teacher.max_label_weight)
+        optim, loss = r.optim_for("pseudo_pretrain"), r.loss_for("pseudo_pretrain")
+        wp, wn = label_weights(data.labels[data.train_rows], loss.max_label_weight)
+        loss_fn = WeightedFocalLoss(wp, wn, gamma=loss.focal_gamma, hard_fraction=loss.hard_fraction)
         prep = InputPrep.for_model(model, r.model.img_size, r.train.channels_last)
-        model = train_stage(accelerator, model=model, loss_fn=WeightedFocalLoss(wp, wn, gamma=r.teacher.focal_gamma),
-                            prep=prep, data=loaders, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, state_dir=stage / "state",
+        model = train_stage(accelerator, model=model, loss_fn=loss_fn, prep=prep, data=loaders, opt=optim.opt,
+                            lr=optim.lr, weight_decay=optim.weight_decay, epochs=cfg.epochs,
+                            warmup_epochs=optim.warmup_epochs, state_dir=stage / "state",
                             position=position, stage="pseudo_pretrain", train_cfg=r.train)
         if accelerator.is_main_process:
             tmp = stage / "checkpoint.tmp"

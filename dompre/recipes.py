@@ -3,7 +3,9 @@
 A recipe schema is a tree of frozen dataclasses. :func:`load_recipe` reads a YAML file into it and
 rejects, with the file, the dotted key, the bad value and the valid choices in the message:
 unknown keys, values of the wrong type, values outside a ``Literal`` and paths that do not exist.
-Command-line overrides ``section.key=value`` are parsed as YAML scalars and checked the same way.
+Command-line overrides ``section.key=value`` are parsed as YAML scalars and checked the same way. A schema
+may name keys it has moved (a ``MOVED`` class attribute: dotted old key -> where it lives now); a recipe or
+override that still uses one is refused with that hint, never read with a new meaning.
 :func:`save_recipe` writes the resolved recipe next to a run's outputs.
 
 Path fields are marked with ``field(metadata=PATH)`` (or ``PATH_MUST_EXIST``); relative paths are
@@ -163,6 +165,22 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _check_moved(data: dict, moved: dict[str, str]) -> None:
+    """Refuse keys a schema has moved (its ``MOVED`` dict: dotted old key -> where it lives now), naming each."""
+    found = []
+    for key, hint in moved.items():
+        node: Any = data
+        for part in key.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT:
+            found.append(f"{key} has moved: {hint}")
+    if found:
+        raise RecipeError("; ".join(found))
+
+
+_ABSENT = object()
+
+
 def load_recipe(path: str | Path | None, schema: type[T], overrides: Sequence[str] = (),
                 base_dir: str | Path | None = None) -> T:
     """Read a YAML recipe into ``schema`` with ``section.key=value`` overrides applied.
@@ -175,7 +193,7 @@ def load_recipe(path: str | Path | None, schema: type[T], overrides: Sequence[st
 
     Raises:
         FileNotFoundError: the recipe file does not exist.
-        RecipeError: unknown key, wrong type, invalid choice or missing path; the message names the file.
+        RecipeError: unknown or moved key, wrong type, invalid choice or missing path; the message names the file.
     """
     data: dict = {}
     name = "<defaults>"
@@ -193,6 +211,7 @@ def load_recipe(path: str | Path | None, schema: type[T], overrides: Sequence[st
     base = Path(base_dir) if base_dir is not None else (Path(path).resolve().parent if path is not None else Path.cwd())
     try:
         data = _merge(data, parse_overrides(overrides))
+        _check_moved(data, getattr(schema, "MOVED", {}))
         recipe = _build(schema, data, "")
         return _resolve_paths(recipe, base)
     except RecipeError as e:
@@ -210,11 +229,12 @@ def recipe_to_dict(recipe: Any) -> dict:
     return plain(dataclasses.asdict(recipe))
 
 
-def save_recipe(recipe: Any, path: str | Path) -> Path:
-    """Write the resolved recipe as YAML (atomically)."""
+def save_recipe(recipe: Any, path: str | Path, header: str = "") -> Path:
+    """Write the resolved recipe as YAML (atomically), after ``header`` as ``#`` comment lines when given."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    comment = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
+    tmp.write_text(comment + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
     tmp.replace(path)
     return path

@@ -117,8 +117,8 @@ held-out patients. Synthetic data only: nothing here says anything about real CT
   of {h['test']['patients']} patients (the figures).
 - Every input, labeled or not, is prepared by one function (`dompre.data.prep.prepare_stack`: body box of its three
   slices, HU window, resize to {rec.model.img_size} px).
-- Teacher {rec.teacher.epochs} epochs at lr {rec.teacher.lr} (batch {rec.teacher.batch_size}); students
-  {rec.student.labeled_epochs} labeled epochs at lr {rec.student.lr} with {rec.student.labeled_batch} labeled +
+- Teacher {rec.teacher.epochs} epochs at lr {rec.optim_for('teacher').lr} (batch {rec.teacher.batch_size}); students
+  {rec.student.labeled_epochs} labeled epochs at lr {rec.optim_for('student').lr} with {rec.student.labeled_batch} labeled +
   {rec.student.pseudo_batch} pseudo-labeled inputs a step, init `{rec.student.init}`; pseudo-labels top-{rec.pseudo.top_k}
   above {rec.pseudo.threshold}{' and the validation threshold' if rec.pseudo.val_thresholds else ''}, labels not
   kept: `{rec.pseudo.unkept}`. How these were chosen: `recipes/demo.yaml` (every choice was made on the held-out

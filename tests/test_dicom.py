@@ -12,6 +12,8 @@ from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 from dompre.data.dicom import SeriesError, _read_native, discover_series, read_series, scan_file, scan_tree
 from dompre.data.synthetic import write_dicom_series, write_scout
 
+from _dicom_files import edit_dicom
+
 SPACING = (2.5, 0.75, 0.75)
 
 
@@ -20,16 +22,6 @@ def phantom(z: int = 8, y: int = 24, x: int = 24) -> np.ndarray:
     hu = np.full((z, y, x), -1000.0, np.float32)
     hu[:, 4:20, 5:19] = 10.0 * np.arange(z)[:, None, None]
     return hu
-
-
-def _edit(path: Path, **changes) -> None:
-    ds = pydicom.dcmread(path)
-    for key, value in changes.items():
-        if value is None:
-            delattr(ds, key)
-        else:
-            setattr(ds, key, value)
-    ds.save_as(path)
 
 
 def test_order_by_position_not_instance_or_file_name(tmp_path):
@@ -53,7 +45,7 @@ def test_descending_positions_are_reordered(tmp_path):
     hu = phantom()
     files = write_dicom_series(tmp_path / "s", hu, spacing=SPACING)
     for k, f in enumerate(files):  # scanner writes the series head-first: positions decrease with k
-        _edit(f, ImagePositionPatient=[0, 0, -2.5 * k])
+        edit_dicom(f, ImagePositionPatient=[0, 0, -2.5 * k])
     vol = read_series(files)
     np.testing.assert_array_equal(vol.hu, hu[::-1])
 
@@ -115,7 +107,7 @@ def test_scouts_dropped(tmp_path):
                 study_uid=pydicom.dcmread(files[0]).StudyInstanceUID)
     extra = tmp_path / "s" / "IM9999.dcm"   # a localizer inside the axial series itself
     shutil.copy(files[0], extra)
-    _edit(extra, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"], SOPInstanceUID=generate_uid(),
+    edit_dicom(extra, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"], SOPInstanceUID=generate_uid(),
           ImageOrientationPatient=[1, 0, 0, 0, 0, -1])
     series = discover_series(tmp_path)
     assert len(series) == 2
@@ -146,7 +138,7 @@ def test_duplicates_identical_copy_repaired_else_skipped(tmp_path):
     vol = read_series(tmp_path / "s")
     np.testing.assert_array_equal(vol.hu, hu)
     assert any("duplicate" in n for n in vol.meta["notes"])
-    _edit(tmp_path / "s" / "copy.dcm", SOPInstanceUID=generate_uid())  # another image at the same place
+    edit_dicom(tmp_path / "s" / "copy.dcm", SOPInstanceUID=generate_uid())  # another image at the same place
     with pytest.raises(SeriesError, match="duplicated slice positions"):
         read_series(tmp_path / "s")
 
@@ -169,7 +161,7 @@ def test_bad_series_reasons(tmp_path):
         read_series(series("one", z=1))
     mr = series("mr")
     for f in mr:
-        _edit(f, Modality="MR")
+        edit_dicom(f, Modality="MR")
     with pytest.raises(SeriesError, match="modality MR"):
         read_series(mr)
     bad_px = series("pixels")
@@ -184,12 +176,12 @@ def test_missing_rescale_repaired_only_when_signed(tmp_path):
     hu = phantom()
     signed = write_dicom_series(tmp_path / "s", hu, spacing=SPACING)
     for f in signed:
-        _edit(f, RescaleSlope=None, RescaleIntercept=None)
+        edit_dicom(f, RescaleSlope=None, RescaleIntercept=None)
     vol = read_series(signed)
     np.testing.assert_array_equal(vol.hu, hu)       # signed values were HU already (intercept 0)
     assert any("Rescale" in n for n in vol.meta["notes"])
     unsigned = write_dicom_series(tmp_path / "u", hu, spacing=SPACING, unsigned=True, patient_id="U")
-    _edit(unsigned[2], RescaleIntercept=None)
+    edit_dicom(unsigned[2], RescaleIntercept=None)
     with pytest.raises(SeriesError, match="missing RescaleSlope/RescaleIntercept on unsigned"):
         read_series(unsigned)
 

@@ -18,8 +18,7 @@ from dompre.data import dicom_header as dh
 from dompre.data.dicom import SeriesError, read_series, scan_file, scan_tree
 from dompre.data.synthetic import write_dicom_series
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_dicom import _edit  # noqa: E402  (one DICOM editing helper for both files)
+from _dicom_files import edit_dicom
 
 SPACING = (2.5, 0.75, 0.75)
 CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
@@ -112,11 +111,11 @@ def test_huge_lengths_allocate_nothing(tmp_path):
 def test_number_of_frames_is_checked_against_the_file(tmp_path):
     """Item 2: NumberOfFrames=100000000 in a small file hung the ingest (one slice object per frame)."""
     files = _series(tmp_path / "mf", z=3, multiframe=True)
-    _edit(files[0], NumberOfFrames=100_000_000)
+    edit_dicom(files[0], NumberOfFrames=100_000_000)
     header, reason = scan_file(files[0])
     assert header is None and "100000000 frame(s)" in reason
     single = _series(tmp_path / "s", z=2)
-    _edit(single[0], NumberOfFrames=100_000_000)
+    edit_dicom(single[0], NumberOfFrames=100_000_000)
     header, reason = scan_file(single[0])
     assert header is None and "fewer than the" in reason
 
@@ -142,7 +141,7 @@ def test_non_finite_degenerate_or_unknown_values_are_refused(tmp_path, change, m
     """Items 4 and 5: NaN/0 slope, inf intercept or spacing, NaN position, collinear orientation were stored as
     good (all-0 / all-255 inputs, a hidden gap); a missing PixelRepresentation was read as unsigned."""
     files = _series(tmp_path / "s", z=4)
-    _edit(files[2], **change)
+    edit_dicom(files[2], **change)
     with pytest.raises(SeriesError, match=match):
         read_series(files)
 
@@ -150,7 +149,7 @@ def test_non_finite_degenerate_or_unknown_values_are_refused(tmp_path, change, m
 def test_window_of_non_finite_values_is_ignored(tmp_path):
     files = _series(tmp_path / "s", z=3)
     for f in files:
-        _edit(f, WindowCenter="NaN")
+        edit_dicom(f, WindowCenter="NaN")
     assert read_series(files).meta["window"] is None
 
 
@@ -196,7 +195,7 @@ def test_duplicates_resolved_by_content_and_listed(tmp_path):
     assert vol.stored.shape[0] == 4
     assert sorted(Path(p).name for p, _ in vol.meta["dropped"]) == ["IM0003.dcm", "z_copy.dcm"] or \
         len(vol.meta["dropped"]) == 2
-    _edit(tmp_path / "s" / "z_copy.dcm", RescaleIntercept=5)  # same SOP and place, other values: refused
+    edit_dicom(tmp_path / "s" / "z_copy.dcm", RescaleIntercept=5)  # same SOP and place, other values: refused
     with pytest.raises(SeriesError, match="different images"):
         read_series(scan_tree(tmp_path / "s")[0][0])
 

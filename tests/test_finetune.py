@@ -4,7 +4,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +17,9 @@ import pytest
 import timm
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _downstream_layouts import make_chestxray14, make_deeplesion, make_kvasir, make_pneumonia  # noqa: E402
+from _downstream_layouts import make_chestxray14, make_deeplesion, make_kvasir, make_pneumonia
 
-from dompre.train.finetune import build_model, freeze_layers, layer_list, load_finetune_recipe, run_finetune  # noqa: E402
+from dompre.train.finetune import build_model, freeze_layers, layer_list, load_finetune_recipe, run_finetune
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY = ["model.arch=test_resnet", "data.image_size=32", "train.epochs=1", "train.batch_size=8",
@@ -196,10 +199,6 @@ def _finetune_cmd(root: Path, out: Path) -> list[str]:
 def test_kill_9_then_the_same_command_ends_with_the_metrics_of_an_uninterrupted_run(tmp_path):
     """A real SIGKILL mid-epoch, then the same command: the run resumes from its latest state (model, optimizer,
     dropout RNG, data position, validation history and best weights) and writes the same metrics."""
-    import os
-    import signal
-    import subprocess
-    import time
     root = make_kvasir(tmp_path / "kv", per_class=8)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}

@@ -22,6 +22,8 @@ from dompre.data.prep import PrepConfig
 from dompre.data.store import SliceStore
 from dompre.data.synthetic import write_dicom_series
 
+from _dicom_files import edit_dicom
+
 SPACING = (2.0, 0.8, 0.8)
 RECIPE = IngestRecipe(prep=PrepConfig(size=16, min_slices=6), shard_size=2)
 
@@ -37,24 +39,17 @@ def good_series(root: Path, n: int = 2) -> None:
         write_dicom_series(root / f"ok{i}", phantom(), spacing=SPACING, patient_id=f"OK{i}")
 
 
-def _edit(path: Path, **changes) -> None:
-    ds = pydicom.dcmread(path)
-    for key, value in changes.items():
-        setattr(ds, key, value) if value is not None else delattr(ds, key)
-    ds.save_as(path)
-
-
 def bad_cohort(root: Path) -> dict[str, str]:
     """One series per bad case (PatientID = case); returns case -> expected reason fragment."""
     def series(name, z=9, **kw):
         return write_dicom_series(root / name, phantom(z=z), spacing=SPACING, patient_id=name, **kw)
     for f in series("mr"):
-        _edit(f, Modality="MR")
+        edit_dicom(f, Modality="MR")
     for f in series("norescale", unsigned=True):
-        _edit(f, RescaleIntercept=None)
+        edit_dicom(f, RescaleIntercept=None)
     dup = series("dup")
     shutil.copy(dup[3], root / "dup" / "IM0099.dcm")
-    _edit(root / "dup" / "IM0099.dcm", SOPInstanceUID=generate_uid())
+    edit_dicom(root / "dup" / "IM0099.dcm", SOPInstanceUID=generate_uid())
     series("gap")[4].unlink()
     mixed = series("mixed")
     other = write_dicom_series(root / "scratch", phantom(y=16, x=16), spacing=SPACING, patient_id="mixed",

@@ -14,50 +14,11 @@ from dompre.data.store import StoreWriter
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ["a", "b", "c"]
 
 
-def _image(rng, labels):
-    img = rng.integers(0, 60, (3, 32, 32)).astype(np.uint8)
-    for j, on in enumerate(labels):
-        if on == 1:
-            y, x = divmod(j, 2)
-            img[:, y * 16:(y + 1) * 16, x * 16:(x + 1) * 16] += 150
-    return img
-
-
-def _write(path, n, rng, splits=None, labeled=True):
-    lab = (rng.random((n, 3)) < 0.5).astype(np.float32)
-    with StoreWriter(path, image_size=32, label_names=NAMES if labeled else None, shard_size=16) as w:
-        for i in range(n):
-            meta = {"split": splits[i] if splits else "", "lesion_idx": i if labeled else -1}
-            w.add(_image(rng, lab[i]), meta=meta, labels=lab[i] if labeled else None)
-            w.commit_unit(f"u{i}")
-
-
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stores")
-    rng = np.random.default_rng(0)
-    _write(root / "lab", 36, rng, splits=["train"] * 12 + ["val"] * 12 + ["test"] * 12)
-    _write(root / "unl", 48, rng, labeled=False)
-    return root
-
-
-def _overrides(stores, out, **extra):
-    o = {"output_dir": str(out), "iterations": 1, "data.labeled_store": str(stores / "lab"),
-         "data.unlabeled_store": str(stores / "unl"), "data.label_class": "all", "model.name": "maknet_tiny",
-         "model.img_size": 32, "model.drop_path_rate": 0.0, "teacher.epochs": 2, "teacher.batch_size": 4,
-         "teacher.lr": 0.003, "pseudo.batch_size": 8, "pseudo.chunk_size": 16, "student.labeled_epochs": 1,
-         "student.labeled_batch": 4, "student.pseudo_batch": 4, "student.lr": 0.003,
-         "train.num_workers": 0, "train.checkpoint_every": 1, "train.progress": False, "eval.batch_size": 16}
-    o.update(extra)
-    return [f"{k}={v}" for k, v in o.items()]
-
-
-def _run(stores, out, **extra):
+def _run(overrides, out, **extra):
     from dompre.noisy_student import run_recipe
-    return run_recipe(None, _overrides(stores, out, **extra))
+    return run_recipe(None, overrides(out, **extra))
 
 
 def _final(out):
@@ -65,9 +26,9 @@ def _final(out):
 
 
 @pytest.fixture(scope="module")
-def reference(stores, tmp_path_factory):
+def reference(pretrain_overrides, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
-    result = _run(stores, out)
+    result = _run(pretrain_overrides, out)
     return out, result
 
 
@@ -84,6 +45,12 @@ def test_end_to_end_outputs(reference):
     idx = np.load(next((out / "iter0" / "pseudo").glob("topk-000000016-*.idx.npy")))
     assert idx.dtype == np.int16 and idx.shape == (16, 3)
     assert len((out / "metrics.md").read_text().strip().splitlines()) == 4  # header, rule, 2 iterations
+    import yaml
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())  # each role's effective settings, in full
+    for role in ("teacher", "student"):
+        assert saved[role]["optim"] == {"opt": "lookahead_radam", "lr": 0.003, "weight_decay": 0.0001,
+                                        "warmup_epochs": 0.5}
+        assert saved[role]["loss"] == {"focal_gamma": 2.0, "max_label_weight": 20.0, "hard_fraction": 0.0}
 
 
 @pytest.mark.parametrize("debug", [
@@ -91,36 +58,36 @@ def test_end_to_end_outputs(reference):
     {"debug.fail_stage": "iter0", "debug.fail_after_steps": 3},
     {"debug.fail_stage": "pseudo0", "debug.fail_after_chunks": 1},
 ])
-def test_resume_after_failure_gives_same_metrics(stores, reference, tmp_path, debug):
+def test_resume_after_failure_gives_same_metrics(pretrain_overrides, reference, tmp_path, debug):
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="injected failure"):
-        _run(stores, out, **debug)
-    _run(stores, out)  # the same command again, without the failure
+        _run(pretrain_overrides, out, **debug)
+    _run(pretrain_overrides, out)  # the same command again, without the failure
     assert _final(out) == _final(reference[0])
     from safetensors.numpy import load_file
     a, b = (load_file(Path(d) / "iter1" / "checkpoint" / "model.safetensors") for d in (out, reference[0]))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)  # bit-identical student
 
 
-def test_augment_on_device_trains_and_resumes_exactly(stores, tmp_path):
+def test_augment_on_device_trains_and_resumes_exactly(pretrain_overrides, tmp_path):
     dev = {"train.augment_on": "device"}
     ref = tmp_path / "ref"
-    _run(stores, ref, **dev)
+    _run(pretrain_overrides, ref, **dev)
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="injected failure"):
-        _run(stores, out, **dev, **{"debug.fail_stage": "iter1", "debug.fail_after_steps": 2})
-    _run(stores, out, **dev)  # noise parameters come from the stream position, so resume is exact here too
+        _run(pretrain_overrides, out, **dev, **{"debug.fail_stage": "iter1", "debug.fail_after_steps": 2})
+    _run(pretrain_overrides, out, **dev)  # noise parameters come from the stream position, so resume is exact here too
     assert _final(out) == _final(ref) and 0.0 <= _final(ref)["test"]["auc"] <= 1.0
 
 
-def test_sigkill_mid_student_then_same_command_continues(stores, reference, tmp_path):
+def test_sigkill_mid_student_then_same_command_continues(pretrain_overrides, reference, tmp_path):
     """A real kill -9 of `python dompre/noisy_student.py` once the student has saved a state, then a rerun."""
     import signal
     import time
     out, recipe = tmp_path / "run", tmp_path / "r.yaml"
     recipe.write_text("seed: 0\n")
     cmd = [sys.executable, str(ROOT / "dompre" / "noisy_student.py"), str(recipe),
-           *_overrides(stores, out, **{"student.labeled_epochs": 3})]
+           *pretrain_overrides(out, **{"student.labeled_epochs": 3})]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not list((out / "iter1" / "state").glob("step-*")) and proc.poll() is None and time.time() < deadline:
@@ -132,19 +99,19 @@ def test_sigkill_mid_student_then_same_command_continues(stores, reference, tmp_
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     ref = tmp_path / "ref"
-    _run(stores, ref, **{"student.labeled_epochs": 3})
+    _run(pretrain_overrides, ref, **{"student.labeled_epochs": 3})
     assert _final(out) == _final(ref)
 
 
-def test_clear_errors(stores, tmp_path):
+def test_clear_errors(tiny_stores, pretrain_overrides, tmp_path):
     with pytest.raises(ValueError, match="has no labels"):
-        _run(stores, tmp_path / "x", **{"data.labeled_store": str(stores / "unl")})
+        _run(pretrain_overrides, tmp_path / "x", **{"data.labeled_store": str(tiny_stores / "unl")})
     with StoreWriter(tmp_path / "empty", image_size=32) as w:
         w.commit_unit("nothing")
     with pytest.raises(ValueError, match="is empty"):
-        _run(stores, tmp_path / "y", **{"data.unlabeled_store": str(tmp_path / "empty")})
+        _run(pretrain_overrides, tmp_path / "y", **{"data.unlabeled_store": str(tmp_path / "empty")})
     with pytest.raises(KeyError, match="not columns"):
-        _run(stores, tmp_path / "z", **{"data.labels": "[a, zz]"})
+        _run(pretrain_overrides, tmp_path / "z", **{"data.labels": "[a, zz]"})
 
 
 def _free_port():
@@ -175,11 +142,11 @@ def _same_pseudo(a, b):
 
 
 @pytest.mark.parametrize("layout", ["two_processes", "two_machines"])
-def test_multiprocess_pseudo_labels_match_one_process(stores, reference, tmp_path, layout):
+def test_multiprocess_pseudo_labels_match_one_process(pretrain_overrides, reference, tmp_path, layout):
     """The teacher from the 1-process run labels the store again with 2 processes: identical shards."""
     out = _resume_copy(reference, tmp_path, layout)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    ov = _overrides(stores, out)
+    ov = pretrain_overrides(out)
     base = ["--mixed_precision", "no", "--dynamo_backend", "no"]
     if layout == "two_processes":
         procs = [_launch(["--multi_gpu", "--num_processes", "2", "--main_process_port", str(_free_port()), *base],
@@ -205,10 +172,11 @@ def test_checkpoints_record_the_measured_metrics_for_the_model_card(reference):
 
 
 @pytest.mark.slow
-def test_teacher_and_student_learn_the_separable_toy_task(stores, tmp_path):
+def test_teacher_and_student_learn_the_separable_toy_task(pretrain_overrides, tmp_path):
     """Each label lights one quadrant: a teacher (60 epochs) and its student (30, from the teacher) must both separate
     the labels on the test rows (chance is 0.5), so a loop that stops learning fails here."""
-    result = _run(stores, tmp_path / "run", **{"teacher.epochs": 60, "teacher.lr": 0.01, "student.lr": 0.01,
-                                              "student.labeled_epochs": 30, "student.init": "teacher", "pseudo.unkept": "soft"})
+    result = _run(pretrain_overrides, tmp_path / "run", **{"teacher.epochs": 60, "optim.lr": 0.01,
+                                                          "student.labeled_epochs": 30, "student.init": "teacher",
+                                                          "pseudo.unkept": "soft"})
     aucs = [r["metrics"]["test"]["auc"] for r in result["results"]]
     assert len(aucs) == 2 and min(aucs) > 0.9, aucs

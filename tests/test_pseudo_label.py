@@ -2,10 +2,8 @@
 import json
 
 import numpy as np
-import pytest
 import torch
 
-from dompre.train.losses import WeightedFocalLoss, label_weights
 from dompre.train.pseudo_label import (PseudoLabels, balance_weights, chunk_done, chunk_ranges, dense_targets,
                                        exclusive_matrix, rank_chunks, select_labels, topk, write_chunk)
 
@@ -80,24 +78,6 @@ def test_storage_roundtrip(tmp_path):
     np.testing.assert_array_equal(pl.idx, idx)
     kept = pl.kept(0.5, 15, None)
     np.testing.assert_array_equal(kept, [[True, False], [True, True], [False, False]])
-
-
-def test_label_weights_and_masked_focal_loss():
-    labels = np.array([[1, 0], [0, 0], [0, np.nan], [0, 1]], np.float32)
-    wp, wn = label_weights(labels)
-    np.testing.assert_allclose(wp, [2.0, 1.5])  # label 0: 1 pos of 4 -> 4/2; label 1: 1 of 3 -> 3/2
-    np.testing.assert_allclose(wn, [4 / 6, 0.75])
-    loss = WeightedFocalLoss(wp, wn, gamma=0.0)
-    logits = torch.zeros(4, 2)
-    target = torch.tensor(labels)
-    # gamma 0: BCE = log 2 per element; weighted sum over known / number known
-    known = ~np.isnan(labels)
-    w = np.where(labels == 1, wp, wn)[known]
-    assert loss(logits, target).item() == pytest.approx(np.log(2) * w.sum() / known.sum(), rel=1e-5)
-    # changing the uncertain element's logit does not change the loss
-    l2 = logits.clone()
-    l2[2, 1] = 50.0
-    assert loss(l2, target).item() == pytest.approx(loss(logits, target).item())
 
 
 def test_per_label_thresholds():

@@ -2,33 +2,20 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _downstream_layouts import make_deeplesion  # noqa: E402
-from test_noisy_student import _overrides, _write  # noqa: E402
+from _downstream_layouts import make_deeplesion
 
 SEEDS = Path(__file__).resolve().parents[1] / "recipes" / "seeds"
 
 
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stores")
-    rng = np.random.default_rng(0)
-    _write(root / "lab", 24, rng, splits=["train"] * 8 + ["val"] * 8 + ["test"] * 8)
-    _write(root / "unl", 32, rng, labeled=False)
-    return root
-
-
-def test_pseudo_label_stage_trains_on_pseudo_labels_only_exports_and_lesanet_finetunes_from_it(stores, tmp_path):
+def test_pseudo_label_stage_trains_on_pseudo_labels_only_exports_and_lesanet_finetunes_from_it(
+        tiny_stores, pretrain_overrides, tmp_path):
+    from dompre.data.store import SliceStore
     from dompre.noisy_student import run_recipe
     from dompre.train.finetune import build_model, load_finetune_recipe, run_finetune
     out = tmp_path / "run"
-    over = _overrides(stores, out, iterations=0, **{"teacher.epochs": 1, "pseudo.threshold": 0.0,
+    over = pretrain_overrides(out, iterations=0, **{"teacher.epochs": 1, "pseudo.threshold": 0.0,
                                                     "data.ontology": "", "data.hand_labeled": "",
                                                     "train.mixed_precision": "'no'", "model.img_size": 32,
                                                     "pseudo_pretrain.enabled": True,
@@ -39,7 +26,8 @@ def test_pseudo_label_stage_trains_on_pseudo_labels_only_exports_and_lesanet_fin
     export = Path(pp["export"])
     assert (export / "config.json").is_file() and (out / "iter0" / "pseudo" / "index.json").is_file()
     assert json.loads((export / "config.json").read_text())["architecture"] == "test_resnet"
-    assert pp["pseudo"]["used"] == 32 and "test" in pp["metrics"]  # every unlabeled input, no labeled one
+    unlabeled = len(SliceStore(tiny_stores / "unl"))
+    assert pp["pseudo"]["used"] == unlabeled and "test" in pp["metrics"]  # every unlabeled input, no labeled one
     card = json.loads((out / "pseudo_pretrain" / "checkpoint" / "checkpoint.json").read_text())
     assert "pseudo-labels" in json.dumps(card)
     weights = out / "pseudo_pretrain" / "checkpoint" / "model.safetensors"

@@ -2,7 +2,6 @@
 its dataset's real layout (tiny sizes and, where the paper's network is large, a tiny timm stand-in)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +9,7 @@ import pytest
 import timm
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _downstream_layouts import make_chestxray14, make_deeplesion, make_kvasir, make_pneumonia  # noqa: E402
+from _downstream_layouts import make_chestxray14, make_deeplesion, make_kvasir, make_pneumonia
 
 SEEDS = Path(__file__).resolve().parents[1] / "recipes" / "seeds"
 FINETUNE = sorted(p.name for p in SEEDS.glob("*.yaml") if "data" in yaml.safe_load(p.read_text())

@@ -12,10 +12,9 @@ import pytest
 import timm
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _downstream_layouts import make_kvasir  # noqa: E402
+from _downstream_layouts import make_kvasir
 
-from dompre.train.finetune import build_model, freeze_layers, layer_list, load_finetune_recipe, run_finetune  # noqa: E402
+from dompre.train.finetune import build_model, freeze_layers, layer_list, load_finetune_recipe, run_finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.arch=test_resnet", "data.image_size=32", "train.epochs=1", "train.batch_size=8",

@@ -7,11 +7,10 @@ concatenated, a linear classifier gives one logit per label, and the score propa
 linear layer initialised to identity) refines the logits.
 
 Any timm architecture with at least five feature stages works as backbone (tests use a tiny one); a dompre
-export folder is passed as ``backbone="local-dir:PATH"`` with ``pretrained=True``.
+export folder is passed as ``backbone="local-dir:PATH"`` with ``pretrained=True``. LesaNet's losses (label
+weights, weighted cross-entropy with RHEM, triplet loss) are in :mod:`dompre.train.losses`.
 """
 from __future__ import annotations
-
-import math
 
 import timm
 import torch
@@ -86,68 +85,8 @@ class LesaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, boxes: torch.Tensor, return_embedding: bool = False):
         """Logits (B, L) after score propagation (and, with ``return_embedding``, the lesion embeddings
-        (B, 5 × fc_dim) that the triplet loss uses)."""
+        (B, 5 × fc_dim) that :func:`dompre.train.losses.label_triplet_loss` uses)."""
         emb = self.forward_features(x, boxes)
         logits = self.spl(self.classifier(self.drop(emb)))
         return (logits, emb) if return_embedding else logits
 
-
-def label_weights(labels: torch.Tensor, max_weight: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """LesaNet's per-label weights from training labels (N, L) with NaN unknown.
-
-    β_pos = (P + N) / (2 P) and β_neg = (P + N) / (2 N) for P positives and N negatives of a label (uncertain
-    labels not counted), so both classes carry equal total weight; capped at ``max_weight``.
-    """
-    known = ~torch.isnan(labels)
-    pos = ((labels == 1) & known).sum(0).float()
-    neg = ((labels == 0) & known).sum(0).float()
-    total = pos + neg
-    w_pos = (total / (2 * pos.clamp(min=1))).clamp(max=max_weight)
-    w_neg = (total / (2 * neg.clamp(min=1))).clamp(max=max_weight)
-    return w_pos, w_neg
-
-
-def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, w_pos: torch.Tensor | None = None,
-                 w_neg: torch.Tensor | None = None, hard_fraction: float = 0.0) -> torch.Tensor:
-    """Weighted binary cross entropy averaged over known entries; NaN (uncertain) labels get zero weight.
-
-    ``hard_fraction`` in (0, 1]: relational hard example mining (RHEM, LesaNet): every lesion-label pair of the
-    batch is an example; only the ``ceil(hard_fraction × known pairs)`` pairs with the largest weighted loss are
-    averaged, so the easy pairs (most negatives) stop drowning the hard ones.
-    """
-    known = ~torch.isnan(labels)
-    y = torch.nan_to_num(labels, nan=0.0)
-    w_pos = torch.ones_like(logits[0]) if w_pos is None else w_pos.to(logits)
-    w_neg = torch.ones_like(logits[0]) if w_neg is None else w_neg.to(logits)
-    weight = torch.where(y > 0.5, w_pos, w_neg) * known
-    loss = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
-    if hard_fraction:
-        elem = (loss * weight)[known]
-        if not len(elem):
-            return elem.sum()
-        k = max(1, math.ceil(hard_fraction * len(elem)))
-        return elem.topk(k).values.mean()
-    return (loss * weight).sum() / known.sum().clamp(min=1)
-
-
-def label_triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
-    """Triplet loss on L2-normalised lesion embeddings with label-set similarity (LesaNet).
-
-    Similarity of two lesions is the Jaccard index of their positive labels (uncertain = not positive). Every
-    triplet (a, p, n) of distinct batch members with ``sim(a, p) > sim(a, n)`` counts: the loss is the mean of
-    ``max(0, d(a, p) - d(a, n) + margin)`` with Euclidean ``d``; 0 when the batch holds no such triplet.
-    """
-    e = nn.functional.normalize(emb, dim=1)
-    y = (torch.nan_to_num(labels, nan=0.0) > 0.5).float()
-    inter = y @ y.T
-    union = y.sum(1, keepdim=True) + y.sum(1) - inter
-    sim = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
-    d = torch.cdist(e, e)
-    n = len(e)
-    eye = torch.eye(n, dtype=torch.bool, device=e.device)
-    valid = (sim[:, :, None] > sim[:, None, :]) & ~eye[:, :, None] & ~eye[:, None, :]
-    valid &= ~eye[None].expand(n, n, n)  # p != n
-    if not valid.any():
-        return e.sum() * 0.0
-    hinge = (d[:, :, None] - d[:, None, :] + margin).clamp(min=0)
-    return hinge[valid].mean()

@@ -59,12 +59,13 @@ from dompre._io import atomic_open, write_atomic
 from dompre.data.deeplesion import load_ontology
 from dompre.data.downstream import BoxAugment, Clahe, build_dataset, make_splits
 from dompre.errors import UserError
-from dompre.models.lesanet import LesaNet, label_triplet_loss, label_weights, weighted_bce
+from dompre.models.lesanet import LesaNet
 from dompre.recipes import PATH, load_recipe, recipe_to_dict, save_recipe
 from dompre.train import downstream_plots as plots
 from dompre.train.engine import (InputPrep, Items, Position, StreamSampler, batch_loader, create_optimizer,
                                  create_scheduler, epoch_steps, fit, forward, infer, make_accelerator, make_loader)
 from dompre.train.features import extract, fit_encoding, fit_linear, linear_scores
+from dompre.train.losses import WeightedFocalLoss, label_triplet_loss, label_weights
 from dompre.train.metrics import auc_micro, choose_thresholds, classification_report, lesanet_eval
 from dompre.train.transfer import (check_imagenet_weights, check_options, classification_block, convergence,
                                    freeze_until, head_penalty, meanvar_redraw, val_score)
@@ -378,18 +379,16 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _loss_fn(task: str, train_labels: np.ndarray, class_weights: bool, rhem: float = 0.0):
-    y = torch.from_numpy(train_labels)
     if task == "multiclass":
+        y = torch.from_numpy(train_labels)
         w = None
         if class_weights:
             counts = y.sum(0).clamp(min=1)
             w = counts.sum() / (len(counts) * counts)
         return lambda logits, labels: F.cross_entropy(logits, labels.argmax(1),
                                                       weight=None if w is None else w.to(logits))
-    w_pos, w_neg = label_weights(y) if class_weights else (None, None)
-    if rhem:
-        return lambda logits, labels: weighted_bce(logits, labels, w_pos, w_neg, hard_fraction=rhem)
-    return lambda logits, labels: weighted_bce(logits, labels, w_pos, w_neg)
+    w_pos, w_neg = label_weights(train_labels) if class_weights else (None, None)
+    return WeightedFocalLoss(w_pos, w_neg, gamma=0.0, hard_fraction=rhem)  # gamma 0: weighted BCE
 
 
 def train_model(recipe: FinetuneRecipe, ds, splits: dict, seed: int, accelerator, state_dir: Path) -> dict:

@@ -1,28 +1,56 @@
-"""Weighted multi-label focal loss (MONAI ``FocalLoss``) with per-label weights from label frequency.
+"""The multi-label losses of pretraining and fine-tuning: LesaNet's label weights, one weighted (focal) loss, and
+LesaNet's label-set triplet loss.
 
-Labels are a float matrix with 1 (relevant), 0 (irrelevant) and NaN (uncertain / unknown). As in LesaNet, each
-label's positives and negatives are weighted so that both halves count equally (``total / (2 * count)``, capped);
-uncertain entries get zero weight and do not count in the mean.
+Labels are a float matrix with 1 (relevant), 0 (irrelevant), soft values in between (pseudo-labels) and NaN
+(uncertain / unknown). :func:`label_weights` gives each label a positive and a negative weight from its frequency;
+:class:`WeightedFocalLoss` is the one weighted loss (``gamma=0``: weighted binary cross-entropy; ``hard_fraction``:
+relational hard example mining). Every caller (the Noisy Student stages, pseudo-label pretraining, fine-tuning)
+uses these, so the weights and the loss mean the same thing everywhere.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 from monai.losses import FocalLoss
 from torch import nn
 
+MAX_LABEL_WEIGHT = 20.0
+"""The cap of :func:`label_weights` (the pretraining recipe's ``loss.max_label_weight`` default)."""
 
-def label_weights(labels: np.ndarray, max_weight: float = 20.0) -> tuple[np.ndarray, np.ndarray]:
-    """Per-label positive and negative weights from label frequency.
+
+def label_weights(labels: np.ndarray | torch.Tensor,
+                  max_weight: float = MAX_LABEL_WEIGHT) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label positive and negative weights from label frequency (LesaNet, Yan et al. 2019).
+
+    For a label with ``P`` positives and ``N`` negatives among its known entries, ``pos = (P + N) / (2 P)`` and
+    ``neg = (P + N) / (2 N)``: both halves of the label then carry the same total weight. NaN entries are not
+    counted; a soft value ``y`` counts as ``y`` of a positive and ``1 - y`` of a negative.
+
+    The rule, decided once for every caller:
+
+    - **Cap** ``max_weight`` (default 20) on both weights. LesaNet's code (rsummers11/CADLab,
+      ``LesaNet/dataset_DeepLesion.py`` ``gen_class_weights`` with ``config.yml`` ``CE_POS_WT_CLAMP: 300``) clamps
+      only the positive weight, at 300, and applies the weights to DeepLesion's own training labels only. Here
+      the weights of the labeled rows also weight the pseudo-labels, where a rare label's positives are the teacher's
+      least reliable guesses; 20 (reached by labels positive in under 2.5% of the known rows) is what the
+      pretraining recipes were tuned with (``recipes/demo.yaml``). The negative weight is capped too so the rule is
+      symmetric; it exceeds 20 only for labels positive in over 97.5% of the rows.
+    - **No positive or no negative** (and so a label whose entries are all NaN): weight 1 for both. The frequency
+      ratio is undefined there (LesaNet's code divides by zero: an infinite positive weight clamped to 300); with
+      nothing to balance, the label's loss stays plain cross-entropy, and a pseudo-positive of a label the labeled
+      rows never show is not up-weighted on no evidence.
 
     Args:
-        labels: (N, L) float with 1 / 0 / NaN (NaN = uncertain, not counted).
+        labels: (N, L) with 1 / 0 / soft / NaN, numpy or torch (CPU).
         max_weight: cap on any weight (rare labels otherwise dominate).
 
     Returns:
-        ``(pos_weight, neg_weight)``, float32 arrays of shape (L,). A label with no positive or no negative
-        gets weight 1 for both (nothing to balance).
+        ``(pos_weight, neg_weight)``, float32 arrays of shape (L,).
     """
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
     labels = np.asarray(labels, dtype=np.float64)
     if labels.ndim != 2:
         raise ValueError(f"labels must be a (N, L) matrix, got shape {labels.shape}")
@@ -38,22 +66,33 @@ def label_weights(labels: np.ndarray, max_weight: float = 20.0) -> tuple[np.ndar
 
 
 class WeightedFocalLoss(nn.Module):
-    """Sigmoid focal loss per label with frequency weights; NaN targets are masked out.
+    """Sigmoid focal loss per label with per-label weights; NaN targets are left out.
 
     Args:
-        pos_weight: (L,) weight of positive targets.
-        neg_weight: (L,) weight of negative targets.
-        gamma: focal exponent (0 gives weighted binary cross-entropy).
+        pos_weight: (L,) weight of positive targets (None: 1), e.g. from :func:`label_weights`.
+        neg_weight: (L,) weight of negative targets (None: 1).
+        gamma: focal exponent; 0 gives weighted binary cross-entropy.
+        hard_fraction: 0 (off) or a share in (0, 1]: relational hard example mining (RHEM, LesaNet). Every
+            known lesion-label pair of the batch is an example; only the ``ceil(hard_fraction × known pairs)``
+            pairs with the largest weighted loss are averaged, so the easy pairs (most negatives) stop drowning
+            the hard ones. 1 equals no mining. (LesaNet's code instead samples pairs with probability growing
+            with ``|p - y|²`` and adds that as a second loss; the top-k here is the deterministic form.)
 
     Soft targets in [0, 1] are allowed; their weight interpolates between ``neg_weight`` and ``pos_weight``.
-    The result is the weighted sum divided by the number of known entries.
+    Without mining the result is the weighted sum divided by the number of known entries.
     """
 
-    def __init__(self, pos_weight: np.ndarray | torch.Tensor, neg_weight: np.ndarray | torch.Tensor,
-                 gamma: float = 2.0) -> None:
+    def __init__(self, pos_weight: np.ndarray | torch.Tensor | None = None,
+                 neg_weight: np.ndarray | torch.Tensor | None = None, gamma: float = 2.0,
+                 hard_fraction: float = 0.0) -> None:
         super().__init__()
-        self.register_buffer("pos_weight", torch.as_tensor(np.asarray(pos_weight), dtype=torch.float32))
-        self.register_buffer("neg_weight", torch.as_tensor(np.asarray(neg_weight), dtype=torch.float32))
+        if not 0.0 <= hard_fraction <= 1.0:
+            raise ValueError(f"hard_fraction={hard_fraction}: 0 (off) or a share in (0, 1]")
+        if (pos_weight is None) != (neg_weight is None):
+            raise ValueError("give both pos_weight and neg_weight, or neither")
+        for name, w in (("pos_weight", pos_weight), ("neg_weight", neg_weight)):
+            self.register_buffer(name, None if w is None else torch.as_tensor(np.asarray(w), dtype=torch.float32))
+        self.gamma, self.hard_fraction = float(gamma), float(hard_fraction)
         self.focal = FocalLoss(gamma=gamma, reduction="none", use_softmax=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -64,5 +103,41 @@ class WeightedFocalLoss(nn.Module):
         known = ~torch.isnan(target)
         t = torch.where(known, target, torch.zeros_like(target)).float()
         elem = self.focal(logits.float(), t)
-        w = (t * self.pos_weight + (1 - t) * self.neg_weight) * known
+        if self.pos_weight is None:
+            w = known.float()
+        else:
+            pw, nw = self.pos_weight.to(elem.device), self.neg_weight.to(elem.device)
+            w = (t * pw + (1 - t) * nw) * known
+        if self.hard_fraction:
+            picked = (elem * w)[known]
+            if not len(picked):
+                return picked.sum()
+            k = max(1, math.ceil(self.hard_fraction * len(picked)))
+            return picked.topk(k).values.mean()
         return (elem * w).sum() / known.sum().clamp(min=1)
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}, hard_fraction={self.hard_fraction}, weighted={self.pos_weight is not None}"
+
+
+def label_triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
+    """Triplet loss on L2-normalised lesion embeddings with label-set similarity (LesaNet).
+
+    Similarity of two lesions is the Jaccard index of their positive labels (uncertain = not positive). Every
+    triplet (a, p, n) of distinct batch members with ``sim(a, p) > sim(a, n)`` counts: the loss is the mean of
+    ``max(0, d(a, p) - d(a, n) + margin)`` with Euclidean ``d``; 0 when the batch holds no such triplet.
+    """
+    e = nn.functional.normalize(emb, dim=1)
+    y = (torch.nan_to_num(labels, nan=0.0) > 0.5).float()
+    inter = y @ y.T
+    union = y.sum(1, keepdim=True) + y.sum(1) - inter
+    sim = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+    d = torch.cdist(e, e)
+    n = len(e)
+    eye = torch.eye(n, dtype=torch.bool, device=e.device)
+    valid = (sim[:, :, None] > sim[:, None, :]) & ~eye[:, :, None] & ~eye[:, None, :]
+    valid &= ~eye[None].expand(n, n, n)  # p != n
+    if not valid.any():
+        return e.sum() * 0.0
+    hinge = (d[:, :, None] - d[:, None, :] + margin).clamp(min=0)
+    return hinge[valid].mean()
