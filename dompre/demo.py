@@ -66,7 +66,8 @@ def run_demo(out: str | Path, *, patients: int = 48, seed: int = 0, labeled_frac
     from dompre.data.ingest_deeplesion import ingest_deeplesion, load_deeplesion_recipe
     from dompre.data.store import SliceStore
     from dompre.data.synthetic import generate_cohort
-    from dompre.export import export_timm, read_checkpoint_meta, record_metrics
+    from dompre.checkpoint import read_checkpoint_meta, record_metrics
+    from dompre.export import export_timm
     from dompre.noisy_student import load_run_data
     from dompre.recipes import load_recipe
     from dompre.train.config import PretrainRecipe

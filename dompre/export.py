@@ -1,16 +1,8 @@
-"""Model checkpoints (the unit training writes) and their export as folders that timm loads by itself.
+"""Export a checkpoint (:mod:`dompre.checkpoint`) as a folder that timm loads by itself.
 
-A *checkpoint* is a folder with ``model.safetensors`` and ``checkpoint.json``::
-
-    {"format": "dompre-checkpoint", "version": 1, "arch": "maknet", "num_classes": 115,
-     "label_names": [...], "model_kwargs": {...}, "info": {...}}
-
-``model_kwargs`` are the full constructor arguments (timm's ``get_model_args``: ``in_chans``, ``global_pool``,
-``num_classes`` and what ``create_model`` was given); ``info`` holds the facts the model card shows, among them
-``preparation`` (how the store's inputs were made, from its manifest: :func:`store_preparation`) and ``metrics``
-(:func:`record_metrics`). It works for any timm architecture. An *export* is a folder in timm's Hugging Face
-layout (``config.json`` with ``architecture``, ``num_classes``, ``label_names``, ``model_args`` and
-``pretrained_cfg``; ``model.safetensors``; ``README.md`` model card; the marker ``.dompre-export``), loaded with::
+An *export* is a folder in timm's Hugging Face layout (``config.json`` with ``architecture``, ``num_classes``,
+``label_names``, ``model_args`` and ``pretrained_cfg``; ``model.safetensors``; ``README.md`` model card; the
+marker ``.dompre-export``; optionally ``explanations.png``, a montage the caller made), loaded with::
 
     import dompre, timm                      # `import dompre` only for MAKNet; not for resnet18 & co.
     model = timm.create_model("local-dir:OUT", pretrained=True)                  # same outputs as the checkpoint
@@ -23,222 +15,37 @@ layout (``config.json`` with ``architecture``, ``num_classes``, ``label_names``,
 timm's ``PretrainedCfg`` accepts only its own fields, so the CT conventions (HU window, three-slice channels) are
 written into ``pretrained_cfg.notes`` (strings) and, machine-readable, into a top-level ``"dompre"`` block of
 ``config.json`` that timm ignores. Loading never unpickles: weights are safetensors only.
+
+Of dompre, this module imports only :mod:`dompre.checkpoint`: it knows nothing of explanations (``dompre export
+--explain`` computes the montage with :func:`dompre.explain.explain_montage` and hands its PNG to
+:func:`export_timm`).
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
+import timm
 import torch
+from timm.models import save_for_hf
 from torch import nn
 
-from dompre._io import write_atomic
+from dompre.checkpoint import SLICES, WEIGHTS_NAME, load_checkpoint
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "record_metrics", "store_preparation",
-           "run_preparation", "export_timm", "is_export", "WEIGHTS_NAME", "CHECKPOINT_JSON", "EXPORT_MARKER"]
+__all__ = ["export_timm", "check_export_target", "is_export", "EXPORT_MARKER", "EXPLAIN_PNG"]
 
-_log = logging.getLogger(__name__)
-WEIGHTS_NAME = "model.safetensors"
 EXPLAIN_PNG = "explanations.png"
-CHECKPOINT_JSON = "checkpoint.json"
 EXPORT_MARKER = ".dompre-export"  # in every export: only a folder holding it is replaced by a new export
-FORMAT = "dompre-checkpoint"
 EXPORT_FORMAT = "dompre-export"
 LICENSE = "bsd-3-clause"  # the project's license (Hugging Face identifier)
-_RESERVED = ("arch", "label_names", "num_classes", "model_kwargs")
 _EXPORT_FILES = {"config.json", WEIGHTS_NAME, "README.md", EXPLAIN_PNG}
 # pretrained_cfg fields that describe the weights a model started from (e.g. ImageNet), not the exported ones
 _SOURCE_FIELDS = ("paper_ids", "paper_name", "origin_url", "notes", "hf_hub_id", "url", "file", "tag", "license")
-SLICES = ("z-1", "z", "z+1")
-
-
-def _to_json(obj: Any, what: str) -> str:
-    try:
-        return json.dumps(obj, indent=2, allow_nan=True)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{what} must be JSON-serialisable (numbers, strings, lists, dicts): {e}") from e
-
-
-def store_preparation(store_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """How the inputs of a SliceStore were made, from its manifest: HU window, size, slice convention, stride.
-
-    Returns the ingest recipe's ``prep`` section plus ``source``, ``slices`` (the three channels),
-    ``neighbours`` / ``interval_mm`` (DeepLesion stores) and ``store`` (the folder), for ``info['preparation']``;
-    None for a store whose manifest records no preparation (not written by ``dompre ingest``).
-    """
-    from dompre.data.store import read_manifest
-
-    manifest = read_manifest(store_dir)
-    desc = manifest.get("info") or {}
-    prep = desc.get("prep")
-    if not isinstance(prep, dict) or "window" not in prep:
-        return None
-    out = dict(prep, source=desc.get("source"), slices=list(SLICES), store=str(store_dir),
-               image_size=manifest.get("image_size"))
-    for key in ("neighbours", "interval_mm"):
-        if key in desc:
-            out[key] = desc[key]
-    return out
-
-
-def run_preparation(labeled_store: str | os.PathLike, unlabeled_store: str | os.PathLike) -> dict[str, Any]:
-    """``info`` entries for a model trained on two stores: ``preparation`` (the labeled store's, which the metrics
-    are measured on) and, when the unlabeled store was made otherwise, ``unlabeled_preparation``."""
-    labeled, unlabeled = store_preparation(labeled_store), store_preparation(unlabeled_store)
-    out: dict[str, Any] = {"preparation": labeled}
-    same = ("window", "window_source", "size", "crop", "keep_aspect", "stride", "slice_interval", "neighbours")
-    if unlabeled != labeled and (labeled is None or unlabeled is None
-                                 or any(labeled.get(k) != unlabeled.get(k) for k in same)):
-        out["unlabeled_preparation"] = unlabeled
-    return out
-
-
-def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, arch: str,
-                    label_names: Sequence[str] | None, model_kwargs: Mapping[str, Any] | None = None,
-                    info: Mapping[str, Any] | None = None) -> Path:
-    """Write ``model.safetensors`` + ``checkpoint.json`` into ``directory`` (each file atomically).
-
-    Args:
-        model: a timm model (DDP / compiled / EMA wrappers are unwrapped with timm's ``unwrap_model``).
-        directory: checkpoint folder (created; other files in it are left alone).
-        arch: timm model name that rebuilds the model, e.g. ``"maknet"`` or ``"resnet18"``.
-        label_names: one name per output (None for a headless backbone).
-        model_kwargs: JSON-serialisable kwargs for ``timm.create_model`` on top of the model's own constructor
-            arguments (timm's ``get_model_args``: ``in_chans``, ``global_pool``, ``num_classes`` and what
-            ``create_model`` was given; drop rates are training-only and left out unless given here).
-        info: JSON-serialisable facts for the model card: ``data``, ``iteration``, ``metrics`` (dict, or one dict
-            per evaluation set), ``preparation`` (:func:`store_preparation`), ``mean``, ``std``, ``input_size``,
-            ``recipe``, ... (keys ``arch``, ``label_names``, ``num_classes``, ``model_kwargs`` are reserved).
-
-    Returns:
-        The checkpoint folder.
-    """
-    from safetensors.torch import save as st_save
-    from timm.models import get_model_args
-    from timm.utils import unwrap_model
-
-    model = unwrap_model(model)
-    directory = Path(directory)
-    num_classes = int(getattr(model, "num_classes", 0) or 0)
-    if label_names is not None:
-        label_names = [str(n) for n in label_names]
-        if len(label_names) != num_classes:
-            raise ValueError(f"save_checkpoint({directory}): {len(label_names)} label_names for a model with "
-                             f"num_classes={num_classes}; pass one name per output or label_names=None")
-    info = dict(info or {})
-    clash = sorted(set(info) & set(_RESERVED))
-    if clash:
-        raise ValueError(f"save_checkpoint({directory}): info keys {clash} are reserved; pass them as arguments")
-    kwargs = {**get_model_args(model), **(model_kwargs or {})}
-    for runtime in ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"):
-        kwargs.pop(runtime, None)
-    kwargs["num_classes"] = num_classes
-    record = dict(format=FORMAT, version=1, arch=arch, num_classes=num_classes, label_names=label_names,
-                  model_kwargs=kwargs, info=info)
-    text = _to_json(record, f"save_checkpoint({directory}): model_kwargs and info")
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    write_atomic(directory / WEIGHTS_NAME, st_save(tensors, metadata={"format": "pt", "arch": arch}))
-    write_atomic(directory / CHECKPOINT_JSON, text.encode())  # last: its presence marks a whole checkpoint
-    return directory
-
-
-def record_metrics(directory: str | os.PathLike, metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """Add measured metrics to a checkpoint's ``info['metrics']`` (checkpoint.json rewritten atomically).
-
-    ``metrics`` is either flat (``{"auc": 0.81}``) or one dict per evaluation set (``{"test": {"auc": ...}}``,
-    as ``dompre.train.evaluate`` writes); only numbers, strings and None are kept (per-label tables and thresholds
-    stay in the run folder). Returns the metrics recorded.
-    """
-    def scalars(d: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in d.items() if v is None or isinstance(v, (int, float, str))}
-
-    kept = {k: scalars(v) for k, v in metrics.items() if isinstance(v, Mapping) and not k.endswith("_per_label")}
-    kept.update(scalars(metrics))
-    kept.pop("thresholds", None)
-    record = read_checkpoint_meta(directory)
-    record["info"] = {**(record.get("info") or {}), "metrics": kept}
-    write_atomic(Path(directory) / CHECKPOINT_JSON,
-                 _to_json(record, f"record_metrics({directory})").encode())
-    return kept
-
-
-def read_checkpoint_meta(directory: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``checkpoint.json`` of a checkpoint folder (FileNotFoundError / ValueError name the fix)."""
-    path = Path(directory) / CHECKPOINT_JSON
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint here; pass a folder written by save_checkpoint "
-                                f"(model.safetensors + {CHECKPOINT_JSON})")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); rewrite the checkpoint") from e
-    if record.get("format") != FORMAT or "arch" not in record:
-        raise ValueError(f"{path}: not a {FORMAT} file (format={record.get('format')!r}); "
-                         f"pass a folder written by save_checkpoint")
-    return record
-
-
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights file missing; the checkpoint is incomplete, rewrite it")
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as e:  # noqa: BLE001 - SafetensorError and friends: a corrupt or foreign file
-        raise ValueError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:160]}); "
-                         f"rewrite the checkpoint") from None
-
-
-def load_checkpoint(directory: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the timm model of a checkpoint and load its weights strictly (no unpickling).
-
-    Args:
-        directory: checkpoint folder.
-        **overrides: ``timm.create_model`` kwargs replacing the stored ones (e.g. ``drop_rate``). A different
-            ``num_classes`` gets a freshly initialised classifier (the model's ``pretrained_cfg['classifier']``
-            layers); every other weight must still match.
-
-    Returns:
-        ``(model in eval mode, info)`` where ``info`` is the ``info`` given to ``save_checkpoint`` plus ``arch``,
-        ``label_names``, ``num_classes`` and ``model_kwargs``.
-    """
-    import timm
-
-    import dompre.models  # noqa: F401  (registers maknet)
-
-    directory = Path(directory)
-    record = read_checkpoint_meta(directory)
-    kwargs = {**record.get("model_kwargs", {}), **overrides}
-    try:
-        model = timm.create_model(record["arch"], pretrained=False, **kwargs)
-    except RuntimeError as e:
-        raise ValueError(f"{directory / CHECKPOINT_JSON}: cannot build arch {record['arch']!r} ({e}); "
-                         f"`import` the package that registers it or fix the arch name") from e
-    state = _load_weights(directory / WEIGHTS_NAME)
-    new_head = kwargs.get("num_classes") != record.get("num_classes")
-    if new_head:
-        classifiers = model.pretrained_cfg.get("classifier") or ()
-        classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
-        state = {k: v for k, v in state.items() if k.rsplit(".", 1)[0] not in classifiers}
-    result = model.load_state_dict(state, strict=not new_head)
-    if new_head and (result.unexpected_keys or any(k.rsplit(".", 1)[0] not in classifiers
-                                                   for k in result.missing_keys)):
-        raise ValueError(f"{directory}: weights do not fit {record['arch']} with num_classes="
-                         f"{kwargs.get('num_classes')} (missing {result.missing_keys}, unexpected "
-                         f"{result.unexpected_keys})")
-    model.eval()
-    info = dict(record.get("info") or {})
-    info.update({k: record.get(k) for k in _RESERVED})
-    if not new_head and record.get("label_names"):
-        model.pretrained_cfg = dict(model.pretrained_cfg, label_names=tuple(record["label_names"]))
-    return model, info
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _data_config(model: nn.Module, info: Mapping[str, Any]) -> dict[str, Any]:
@@ -350,15 +157,11 @@ def _card(arch: str, model: nn.Module, info: Mapping[str, Any], data_config: Map
 
 
 def _write_export(model: nn.Module, folder: Path, arch: str, info: Mapping[str, Any],
-                  card: Mapping[str, Any], explain_images: Any = None, load_as: str | None = None) -> None:
-    """config.json + model.safetensors (timm's public ``save_for_hf``), README.md and the export marker."""
-    from timm.models import save_for_hf
-
-    if explain_images is not None and len(explain_images):
-        from dompre.explain import explain_montage
-
-        label_names = info.get("label_names") or [f"class {i}" for i in range(model.num_classes)]
-        explain_montage(model, explain_images, label_names, folder / EXPLAIN_PNG, method="ig")
+                  card: Mapping[str, Any], montage: bytes | None = None, load_as: str | None = None) -> None:
+    """config.json + model.safetensors (timm's public ``save_for_hf``), README.md, the export marker and the
+    montage (``explanations.png``, shown in the card) when one is given."""
+    if montage:
+        (folder / EXPLAIN_PNG).write_bytes(montage)
         card = {**card, "explanations": EXPLAIN_PNG}
 
     data_config = _data_config(model, info)
@@ -393,8 +196,6 @@ def _write_export(model: nn.Module, folder: Path, arch: str, info: Mapping[str, 
 
 def _check_export(model: nn.Module, folder: Path) -> float:
     """Load ``folder`` the way a user would and return the max |difference| of outputs on a random input."""
-    import timm
-
     loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     size = json.loads((folder / "config.json").read_text())["pretrained_cfg"]["input_size"]
     x = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
@@ -417,9 +218,27 @@ def is_export(folder: str | os.PathLike) -> bool:
         return False
 
 
+def check_export_target(out_dir: str | os.PathLike, *, overwrite: bool = False, hub_repo: str | None = None
+                        ) -> Path:
+    """Refuse (ValueError) an ``out_dir`` / ``hub_repo`` that :func:`export_timm` would refuse, before any work.
+
+    ``out_dir`` must be new, an empty folder or an earlier export (any folder with ``overwrite``); ``hub_repo``
+    ``"OWNER/NAME"``. Returns ``out_dir`` as a Path.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: exists and is not a folder; choose a new folder for the export")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_export(out_dir) and not overwrite:
+        raise ValueError(f"{out_dir}: holds files and is not a dompre export (no {EXPORT_MARKER}); choose a new or "
+                         f"empty folder, or pass --overwrite to delete its contents")
+    if hub_repo is not None and (hub_repo.count("/") != 1 or not all(hub_repo.split("/"))):
+        raise ValueError(f"hub repo {hub_repo!r}: give it as OWNER/NAME")
+    return out_dir
+
+
 def export_timm(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                 card: Mapping[str, Any] | str | None = None, check: bool = True,
-                explain_images: Any = None, overwrite: bool = False,
+                montage: bytes | None = None, overwrite: bool = False,
                 hub_repo: str | None = None) -> dict[str, Any]:
     """Export a checkpoint as a timm folder: ``config.json``, ``model.safetensors``, ``README.md``, marker.
 
@@ -433,8 +252,9 @@ def export_timm(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         card: model-card fields overriding the checkpoint's info: ``note``, ``data``, ``intended_use``,
             ``limits``, ``title``, ``license``; a string is taken as ``note``.
         check: reload with ``timm.create_model('local-dir:...')`` and compare outputs before publishing.
-        explain_images: a few uint8 ``(N, 3, H, W)`` inputs; their integrated-gradient montage goes into the
-            folder as ``explanations.png`` and is shown in the model card.
+        montage: PNG bytes of an explanation montage of the checkpoint's model (``dompre export --explain``
+            makes it with :func:`dompre.explain.explain_montage`); written as ``explanations.png`` and shown in
+            the model card.
         overwrite: replace ``out_dir`` even when it is not a dompre export (its contents are deleted).
         hub_repo: ``"owner/name"``: write the Hub layout, exactly the files ``timm.models.push_to_hf_hub``
             uploads with safetensors weights (config.json, model.safetensors, README.md, plus the hidden marker;
@@ -443,21 +263,16 @@ def export_timm(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     Returns:
         ``{"out_dir", "arch", "num_classes", "params", "max_abs_diff"}`` (``max_abs_diff`` None without check).
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir}: exists and is not a folder; choose a new folder for the export")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_export(out_dir) and not overwrite:
-        raise ValueError(f"{out_dir}: holds files and is not a dompre export (no {EXPORT_MARKER}); choose a new or "
-                         f"empty folder, or pass --overwrite to delete its contents")
-    if hub_repo is not None and (hub_repo.count("/") != 1 or not all(hub_repo.split("/"))):
-        raise ValueError(f"hub repo {hub_repo!r}: give it as OWNER/NAME")
+    out_dir = check_export_target(out_dir, overwrite=overwrite, hub_repo=hub_repo)
+    if montage is not None and bytes(montage[:8]) != _PNG_SIGNATURE:
+        raise ValueError("montage: not PNG bytes; pass the file explain_montage wrote, read as bytes")
     card = {"note": card} if isinstance(card, str) else dict(card or {})
     model, info = load_checkpoint(checkpoint_dir)
     arch = info["arch"]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
-        _write_export(model, tmp, arch, info, card, None if hub_repo else explain_images,
+        _write_export(model, tmp, arch, info, card, None if hub_repo else montage,
                       f"hf-hub:{hub_repo}" if hub_repo else None)
         diff = _check_export(model, tmp) if check else None
         if diff is not None and diff > 1e-5:

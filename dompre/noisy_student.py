@@ -124,7 +124,7 @@ def _checkpoint_dir(stage: Path) -> Path:
 
 
 def _load_checkpoint(stage: Path, label_names: list[str]):
-    from dompre.export import load_checkpoint
+    from dompre.checkpoint import load_checkpoint
     model, info = load_checkpoint(_checkpoint_dir(stage))
     have = list(info.get("label_names") or [])
     if have != list(label_names):
@@ -134,7 +134,7 @@ def _load_checkpoint(stage: Path, label_names: list[str]):
 
 
 def _save_checkpoint(accelerator, model, stage: Path, arch: str, label_names: list[str], info: dict) -> None:
-    from dompre.export import save_checkpoint
+    from dompre.checkpoint import save_checkpoint
     from dompre.train.teacher import model_kwargs
     if accelerator.is_main_process:
         tmp = stage / "checkpoint.tmp"
@@ -249,7 +249,7 @@ def train_arm(accelerator, recipe: PretrainRecipe, data: RunData, name: str, *, 
     trains on the truth); ``noise=False`` trains without input noise, dropout and drop path (plain
     self-training, the ablation). Returns the model in eval mode.
     """
-    from dompre.export import run_preparation
+    from dompre.checkpoint import run_preparation
     from dompre.train.engine import Position
 
     out = Path(recipe.output_dir)
@@ -277,7 +277,7 @@ def run(recipe: PretrainRecipe, accelerator=None, data: RunData | None = None) -
 
     ``accelerator``: reuse one (the benchmark trains its arms with it); by default the run makes its own.
     ``data``: the recipe's :func:`load_run_data`, when the caller already has it."""
-    from dompre.export import read_checkpoint_meta, record_metrics, run_preparation
+    from dompre.checkpoint import read_checkpoint_meta, record_metrics, run_preparation
     from dompre.train.engine import InputPrep, Position
     from dompre.train.evaluate import evaluate_model, write_json, write_report_tables
     from dompre.train.pseudo_label import label_store

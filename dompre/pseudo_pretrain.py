@@ -43,7 +43,8 @@ def run_pseudo_pretrain(accelerator, recipe, data, out: Path, final_model, posit
     Returns:
         ``{"stage", "export", "arch", "metrics", "pseudo"}``.
     """
-    from dompre.export import export_timm, load_checkpoint, save_checkpoint
+    from dompre.checkpoint import load_checkpoint, save_checkpoint
+    from dompre.export import export_timm
     from dompre.train.engine import InputPrep
     from dompre.train.evaluate import evaluate_model, write_json
     from dompre.train.losses import WeightedFocalLoss, label_weights

@@ -10,7 +10,7 @@ from dompre.demo import run_demo
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_the_benchmark_arms(tmp_path):
-    from dompre.export import read_checkpoint_meta
+    from dompre.checkpoint import read_checkpoint_meta
 
     overrides = ["iterations=1", "teacher.epochs=1", "student.labeled_epochs=1", "model.img_size=32"]
     s = run_demo(tmp_path / "demo", patients=8, labeled_fraction=0.5, heldout_patients=4, overrides=overrides,

@@ -230,11 +230,11 @@ def test_cli_explain_end_to_end_on_export(tmp_path, capsys):
 def test_cli_explain_end_to_end_on_checkpoint(tmp_path, capsys):
     import timm
 
-    from dompre import export
+    from dompre.checkpoint import save_checkpoint
     from dompre.cli import main
 
     model = timm.create_model("test_efficientnet", num_classes=len(NAMES))
-    export.save_checkpoint(model, tmp_path / "ckpt", arch="test_efficientnet", label_names=NAMES,
+    save_checkpoint(model, tmp_path / "ckpt", arch="test_efficientnet", label_names=NAMES,
                            info={"input_size": [3, 32, 32]})
     Image.fromarray(images(1, 40, 40)[0].transpose(1, 2, 0)).save(tmp_path / "x.png")
     rc = main(["explain", str(tmp_path / "ckpt"), str(tmp_path / "x.png"), "--method", "occlusion",
@@ -257,3 +257,39 @@ def test_parse_inputs_dicom_slice_matches_ingest_preparation(tmp_path):
     stacks, centre = prep.prepare_volume(hu, (2.0, 0.8, 0.8), prep.PrepConfig(stride=1))  # ingest, every slice
     assert centre[1] == 2
     np.testing.assert_allclose(items[0].image.astype(int), stacks[1].astype(int), atol=1)
+
+
+def test_explained_dicom_input_is_the_ingested_store_item(tmp_path):
+    """`dompre explain MODEL SERIES@SLICE` explains exactly the array `dompre ingest dicom` stored for that stack,
+    with the preparation the model's training store recorded (window, size, crop margin of its recipe)."""
+    import timm
+
+    from dompre.checkpoint import save_checkpoint, store_preparation
+    from dompre.data.ingest import IngestRecipe, ingest_dicom
+    from dompre.data.prep import PrepConfig
+    from dompre.data.store import SliceStore
+    from dompre.data.synthetic import write_dicom_series
+    from dompre.export import export_timm
+
+    yy, xx = np.mgrid[:40, :48]
+    body = ((yy - 20) / 15) ** 2 + ((xx - 24) / 18) ** 2 < 1
+    rng = np.random.default_rng(0)
+    hu = np.stack([np.where(body, rng.normal(40, 200, body.shape), -1000.0) for _ in range(9)]).astype(np.float32)
+    series = tmp_path / "dicom" / "s"
+    write_dicom_series(series, hu, spacing=(2.0, 0.8, 0.8), unsigned=True)  # stored uint16, intercept -1024
+    recipe = IngestRecipe(prep=PrepConfig(window=(-300.0, 500.0), size=24, crop_margin=2, min_slices=6))
+    ingest_dicom(tmp_path / "dicom", tmp_path / "store", recipe=recipe, progress=False)
+    store = SliceStore(tmp_path / "store")
+    save_checkpoint(timm.create_model("test_efficientnet", num_classes=len(NAMES)), tmp_path / "ckpt",
+                    arch="test_efficientnet", label_names=NAMES,
+                    info={"preparation": store_preparation(tmp_path / "store")})
+    lm = load_model(tmp_path / "ckpt")
+    assert lm.prep.window == (-300.0, 500.0) and lm.prep.size == 24 and lm.input_size == (24, 24)
+    assert load_model(export_timm(tmp_path / "ckpt", tmp_path / "export", check=False)["out_dir"]).prep == lm.prep
+    specs = [f"{series}@{int(store.item_meta(i)['z_index'])}" for i in range(len(store))]
+    items, skipped = parse_inputs(specs, lm.label_names, lm.input_size, lm.prep)  # as `dompre explain` calls it
+    assert not skipped and len(items) == len(store) == 3
+    for i, item in enumerate(items):
+        np.testing.assert_array_equal(item.image, np.asarray(store[i]))
+    default, _ = parse_inputs(specs[:1], NAMES)  # ingest's default preparation is another input
+    assert not np.array_equal(default[0].image, items[0].image)

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dompre  # noqa: F401  (registers maknet)
-from dompre.export import (export_timm, is_export, load_checkpoint, record_metrics, run_preparation,
-                           save_checkpoint, store_preparation)
+from dompre.checkpoint import load_checkpoint, record_metrics, run_preparation, save_checkpoint, store_preparation
+from dompre.export import export_timm, is_export
 
 LABELS = ["liver", "lung", "kidney", "bone", "spleen"]
 
@@ -70,6 +70,24 @@ def test_save_checkpoint_unwraps_ddp_style_wrappers(tmp_path):
     wrapper.module = model  # what DistributedDataParallel / accelerate hand back
     save_checkpoint(wrapper, tmp_path / "ck", arch="maknet_tiny", label_names=["a", "b"])
     assert set(load_file(tmp_path / "ck" / "model.safetensors")) == set(model.state_dict())
+
+
+def test_one_unwrapper_for_training_files_and_maknets_timm_loader(tmp_path):
+    from dompre.checkpoint import unwrap_state_dict
+    from dompre.models.maknet import checkpoint_filter_fn
+
+    w = torch.ones(2)
+    saved = {"epoch": 3, "model_state_dict": {"state_dict": {"_orig_mod.module.a": w, "b": w, "step": 7}}}
+    assert list(unwrap_state_dict(saved)) == ["a", "b"]  # nested containers, compile + DDP prefixes, no scalars
+    assert list(checkpoint_filter_fn(saved, None)) == ["a", "b"]
+    torch.manual_seed(0)
+    model = timm.create_model("maknet_tiny", num_classes=2).eval()
+    torch.save({"model": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 1}, tmp_path / "w.pth")
+    loaded = timm.create_model("maknet_tiny", num_classes=2, pretrained=True,  # timm runs the filter
+                               pretrained_cfg_overlay=dict(file=str(tmp_path / "w.pth"), num_classes=2)).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
 
 
 def test_save_checkpoint_rejects_bad_arguments(tmp_path):
@@ -207,14 +225,38 @@ def test_export_replaces_only_dompre_exports_unless_overwrite(tmp_path, capsys):
         export_timm(ck, mine, check=False)
 
 
-def test_export_card_shows_an_explanation_montage(tmp_path):
+def test_export_card_shows_the_montage_it_is_given(tmp_path):
     _, ck = _maknet(tmp_path)
-    images = np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
-    export_timm(ck, tmp_path / "out", explain_images=images)
-    png = tmp_path / "out" / "explanations.png"
-    from PIL import Image
-    assert Image.open(png).size[0] > 100
+    png = b"\x89PNG\r\n\x1a\n" + b"a montage made by the caller"
+    export_timm(ck, tmp_path / "out", montage=png, check=False)
+    assert (tmp_path / "out" / "explanations.png").read_bytes() == png
     assert "![explanations](explanations.png)" in (tmp_path / "out" / "README.md").read_text()
+    export_timm(ck, tmp_path / "hub", montage=png, check=False, hub_repo="me/model")  # the Hub layout has none
+    assert not (tmp_path / "hub" / "explanations.png").exists()
+    assert "## Explanations" not in (tmp_path / "hub" / "README.md").read_text()
+    with pytest.raises(ValueError, match="not PNG bytes"):
+        export_timm(ck, tmp_path / "bad", montage=b"GIF89a")
+
+
+def test_cli_export_explain_puts_the_montage_of_its_inputs_in_the_card(tmp_path, capsys):
+    from PIL import Image
+
+    from dompre.cli import main
+
+    _, ck = _maknet(tmp_path, input_size=[3, 32, 32])
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"x{i}.png")
+    inputs = [str(tmp_path / "x0.png"), str(tmp_path / "x1.png"), str(tmp_path / "nope.png")]
+    assert main(["export", str(ck), str(tmp_path / "out"), "--explain", *inputs]) == 0
+    err = capsys.readouterr().err
+    assert "skipped explanation input" in err and "nope.png" in err
+    assert Image.open(tmp_path / "out" / "explanations.png").size[0] > 100
+    assert "![explanations](explanations.png)" in (tmp_path / "out" / "README.md").read_text()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("keep me")  # refused before any explaining
+    assert main(["export", str(ck), str(tmp_path / "taken"), "--explain", *inputs]) == 2
+    assert "--overwrite" in capsys.readouterr().err
 
 
 def _run_fresh(code: str, **env: str) -> dict:

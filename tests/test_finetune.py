@@ -123,7 +123,8 @@ def test_init_from_weights_file_and_domain_export(kvasir, tmp_path):
     assert info["unexpected"] == 1 and info["loaded"] == len(src.state_dict()) - 3
     torch.testing.assert_close(model.layer1[0].conv1.weight, src.layer1[0].conv1.weight)
     export = tmp_path / "export"
-    from dompre.export import export_timm, save_checkpoint
+    from dompre.checkpoint import save_checkpoint
+    from dompre.export import export_timm
     save_checkpoint(src, tmp_path / "ckpt", arch="test_resnet", label_names=list("abcde"))
     export_timm(tmp_path / "ckpt", export)
     model, info = build_model(_recipe(None, kvasir, tmp_path, "model.init=domain", f"model.weights={export}"), 8)

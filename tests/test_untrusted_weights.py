@@ -5,19 +5,22 @@ import pickle
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
-from dompre.export import _load_weights
-from dompre.train.finetune import _weights_state_dict
+from dompre.checkpoint import load_checkpoint, read_weights, save_checkpoint
 
 
 def test_corrupt_safetensors_names_the_file(tmp_path):
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json header}")
-    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
-        _load_weights(bad)
     with pytest.raises(ValueError, match="model.safetensors: not a loadable weights file"):
-        _weights_state_dict(bad)
+        read_weights(bad)
+    ck = save_checkpoint(timm.create_model("test_efficientnet", num_classes=2), tmp_path / "ck",
+                         arch="test_efficientnet", label_names=None)
+    (ck / "model.safetensors").write_bytes(bad.read_bytes())  # the checkpoint loader reads through the same
+    with pytest.raises(ValueError, match="model.safetensors: not a loadable weights file.*rewrite it"):
+        load_checkpoint(ck)
 
 
 def test_pickled_weights_are_refused_without_running(tmp_path):
@@ -25,8 +28,8 @@ def test_pickled_weights_are_refused_without_running(tmp_path):
     evil = tmp_path / "weights.pth"
     evil.write_bytes(pickle.dumps(type("P", (), {"__reduce__": lambda self: (Path.touch, (marker,))})()))
     with pytest.raises(ValueError, match="weights.pth: not a loadable weights file"):
-        _weights_state_dict(evil)
+        read_weights(evil)
     assert not marker.exists()
     ok = tmp_path / "ok.pth"
     torch.save({"state_dict": {"module.w": torch.ones(2)}}, ok)
-    assert list(_weights_state_dict(ok)) == ["w"]
+    assert list(read_weights(ok)) == ["w"]

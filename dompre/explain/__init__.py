@@ -7,7 +7,7 @@ how the top-5 confidences change. :func:`explain_montage` gives a model card its
 from dompre.explain.attribution import (PixelModel, attribution_map, default_cam_layer, grad_cam,
                                         integrated_gradients, occlusion, predict, to_pixels, wrap_model)
 from dompre.explain.figures import Panel, Ranked, rank_labels, save_explanation_png, save_montage
-from dompre.explain.inputs import InputItem, LoadedModel, load_model, parse_inputs
+from dompre.explain.inputs import InputItem, LoadedModel, load_model, parse_inputs, prep_config
 from dompre.explain.perturb import box_mask, confidence_table, fill, inpaint, make_variants, peak_box, top_pixel_mask
 from dompre.explain.run import METHODS, Explained, explain_items, explain_montage, explain_one
 
@@ -15,6 +15,6 @@ __all__ = [
     "METHODS", "Explained", "InputItem", "LoadedModel", "Panel", "PixelModel", "Ranked", "attribution_map",
     "box_mask", "confidence_table", "default_cam_layer", "explain_items", "explain_montage", "explain_one", "fill",
     "grad_cam", "inpaint", "integrated_gradients", "load_model", "make_variants", "occlusion", "parse_inputs",
-    "peak_box", "predict", "rank_labels", "save_explanation_png", "save_montage", "to_pixels", "top_pixel_mask",
+    "peak_box", "predict", "prep_config", "rank_labels", "save_explanation_png", "save_montage", "to_pixels", "top_pixel_mask",
     "wrap_model",
 ]

@@ -11,6 +11,9 @@ from typing import Literal, Sequence
 
 import numpy as np
 import torch
+from captum.attr import IntegratedGradients, Occlusion
+from monai.visualize import GradCAM
+from timm.data import resolve_model_data_config
 from torch import nn
 
 Activation = Literal["sigmoid", "softmax"]
@@ -48,7 +51,6 @@ def wrap_model(model: nn.Module, activation: Activation = "sigmoid",
                mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> PixelModel:
     """Wrap ``model`` as a :class:`PixelModel` in eval mode; mean/std default to the model's timm data config."""
     if mean is None or std is None:
-        from timm.data import resolve_model_data_config
         cfg = resolve_model_data_config(model)
         mean = cfg["mean"] if mean is None else mean
         std = cfg["std"] if std is None else std
@@ -99,8 +101,6 @@ def integrated_gradients(pm: PixelModel, x: torch.Tensor, target: int | Sequence
         ``(attributions (B, C, H, W), convergence delta (B,))``; by completeness the attributions of an image sum
         to ``logit(x) - logit(baseline)`` up to the delta.
     """
-    from captum.attr import IntegratedGradients
-
     ig = IntegratedGradients(pm)
     attr, delta = ig.attribute(x, baselines=baseline, target=_targets(target, len(x)), n_steps=n_steps,
                                internal_batch_size=internal_batch_size, return_convergence_delta=True)
@@ -122,8 +122,6 @@ def occlusion(pm: PixelModel, x: torch.Tensor, target: int | Sequence[int], *, w
     Returns:
         attributions ``(B, C, H, W)``; positive where covering the pixels lowers the target's logit.
     """
-    from captum.attr import Occlusion
-
     c, h, w = x.shape[1:]
     window = window or max(2, min(h, w) // 8)
     stride = stride or max(1, window // 2)
@@ -170,8 +168,6 @@ def grad_cam(pm: PixelModel, x: torch.Tensor, target: int, layer: str | None = N
     Returns:
         maps ``(B, H, W)`` in [0, 1] (1 = the most important location of each image).
     """
-    from monai.visualize import GradCAM
-
     layer = layer or default_cam_layer(pm.net)
     names = [n for n, _ in pm.net.named_modules() if n]
     if layer not in names:

@@ -4,11 +4,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
+import matplotlib
 import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from dompre._io import save_figure
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+    from dompre.explain.perturb import Variant
 
 View = Literal["gray", "rgb"]
 STATUS_COLOURS = {"TP": "#1a9850", "FP": "#d73027", "uncertain": "#8c8c8c", "": "#4575b4"}
@@ -71,12 +81,8 @@ def _image(image: np.ndarray, view: View) -> tuple[np.ndarray, str | None]:
     return image[image.shape[0] // 2], "gray"
 
 
-def _overlay(ax, image: np.ndarray, amap: np.ndarray, view: View, cmap: str = "jet"):
+def _overlay(ax: Axes, image: np.ndarray, amap: np.ndarray, view: View, cmap: str = "jet") -> ScalarMappable:
     """Draw the slice with the map on top (transparent where the map is ~0); returns the colour mappable."""
-    import matplotlib
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
     img, gray = _image(image, view)
     ax.imshow(img, cmap=gray, vmin=0, vmax=255)
     norm = Normalize(0, 1)
@@ -87,10 +93,8 @@ def _overlay(ax, image: np.ndarray, amap: np.ndarray, view: View, cmap: str = "j
     return ScalarMappable(norm=norm, cmap=cmap)
 
 
-def _bars(ax, ranked: Sequence[Ranked], missed: Sequence[str]) -> None:
+def _bars(ax: Axes, ranked: Sequence[Ranked], missed: Sequence[str]) -> None:
     """Horizontal bars of the top-k confidences, coloured by status, with a legend and the missed labels."""
-    from matplotlib.patches import Patch
-
     y = np.arange(len(ranked))[::-1]
     colours = [STATUS_COLOURS[r.status] for r in ranked]
     ax.barh(y, [r.confidence for r in ranked], color=colours, height=0.7)
@@ -111,17 +115,15 @@ def _bars(ax, ranked: Sequence[Ranked], missed: Sequence[str]) -> None:
                 wrap=True)
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     """Write the figure atomically (temp name in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
-def _figure(*args, **kwargs):
+def _figure(*args, **kwargs) -> Figure:
     """A new figure on the Agg canvas (no display needed, no global backend switch)."""
-    from matplotlib.figure import Figure
-
     return Figure(*args, **kwargs)
 
 
@@ -166,7 +168,7 @@ def save_montage(path: str | Path, panels: Sequence[Panel], method: str, view: V
     return _save(fig, path)
 
 
-def save_perturbation_png(path: str | Path, name: str, variants: Sequence, label_names: Sequence[str],
+def save_perturbation_png(path: str | Path, name: str, variants: Sequence[Variant], label_names: Sequence[str],
                           view: View = "gray", k: int = 5) -> Path:
     """The perturbation study of one input: each variant (changed pixels outlined) over its top-``k`` labels."""
     n = len(variants)

@@ -1,23 +1,32 @@
 """What ``dompre explain`` reads: a model folder and the inputs to explain.
 
 MODEL is a checkpoint folder (``checkpoint.json`` + ``model.safetensors``, read with
-``dompre.export.load_checkpoint``) or a timm export folder (``config.json``, read with
+:func:`dompre.checkpoint.load_checkpoint`) or a timm export folder (``config.json``, read with
 ``timm.create_model('local-dir:...')``). INPUTS are SliceStore items (``STORE_DIR:INDEX``, ``STORE_DIR:3,7,9``,
 ``STORE_DIR:10-19``), one slice of a DICOM series (``SERIES_DIR@SLICE``, 0-based index in z order; the stack is
-slices SLICE-1, SLICE, SLICE+1 prepared as ingest prepares them) or 8-bit image files (PNG/JPEG).
+slices SLICE-1, SLICE, SLICE+1 made by ingest's own :func:`dompre.data.prep.prepare_volume` with the preparation
+the model's training store recorded, so it is the very array ``dompre ingest`` stored for that stack) or 8-bit
+image files (PNG/JPEG).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+import timm
+from PIL import Image
 from torch import nn
 
+from dompre.checkpoint import load_checkpoint
+from dompre.data.dicom import read_series
+from dompre.data.prep import PrepConfig, prepare_volume
+from dompre.data.store import SliceStore
 from dompre.explain.attribution import Activation
 from dompre.explain.perturb import Box
 
@@ -36,6 +45,7 @@ class LoadedModel:
     mean: tuple[float, ...]  # input normalisation (0..1 units), as training applied it
     std: tuple[float, ...]
     source: str
+    prep: PrepConfig = field(default_factory=PrepConfig)  # how DICOM inputs are made: the training store's
 
 
 @dataclass
@@ -58,8 +68,23 @@ def _activation(*sources: dict[str, Any]) -> Activation:
     return "sigmoid"
 
 
+def prep_config(preparation: Mapping[str, Any] | None) -> PrepConfig:
+    """The :class:`PrepConfig` a store was ingested with, from its recorded preparation (``info['preparation']``
+    of a checkpoint, ``config.json['dompre']['preparation']`` of an export); the defaults when none is recorded.
+    Only the fields of a 3-slice stack are taken: ``slice_interval`` resampling and ``min_slices`` concern a
+    whole series, and SLICE indexes the series as read."""
+    prep = dict(preparation or {})
+    keep = {f.name for f in dataclasses.fields(PrepConfig)} - {"slice_interval", "min_slices"}
+    kwargs = {k: v for k, v in prep.items() if k in keep}
+    if "window" in kwargs:
+        kwargs["window"] = tuple(float(v) for v in kwargs["window"])
+    return PrepConfig(**kwargs)
+
+
 def load_model(path: str | Path, activation: Activation | None = None) -> LoadedModel:
     """Load a checkpoint folder or a timm export folder for explaining.
+
+    MAKNet folders load because importing any ``dompre`` module registers MAKNet with timm (``dompre/__init__``).
 
     Args:
         path: the folder.
@@ -68,32 +93,28 @@ def load_model(path: str | Path, activation: Activation | None = None) -> Loaded
     Raises:
         FileNotFoundError: the folder holds neither ``checkpoint.json`` nor ``config.json``.
     """
-    import dompre  # noqa: F401  (registers the MAKNet architectures with timm)
-
     path = Path(path)
     if (path / "checkpoint.json").is_file():
-        from dompre.export import load_checkpoint
-
         model, info = load_checkpoint(path)
         names = list(info.get("label_names") or [])
         act = activation or _activation(info)
-        size = tuple(info.get("input_size") or (3, 256, 256))[-2:]  # as dompre.export: SliceStore size by default
+        preparation = info.get("preparation")
+        size = tuple(info.get("input_size") or (3, *[(preparation or {}).get("size") or 256] * 2))[-2:]  # as export
         norm = info
         source = "checkpoint"
     elif (path / "config.json").is_file():
-        import timm
-
         cfg = json.loads((path / "config.json").read_text())
         model = timm.create_model(f"local-dir:{path}", pretrained=True)
         pcfg = cfg.get("pretrained_cfg") or {}
         names = list(cfg.get("label_names") or pcfg.get("label_names") or [])
         act = activation or _activation(cfg, cfg.get("dompre") or {}, pcfg)
+        preparation = (cfg.get("dompre") or {}).get("preparation")
         size = tuple(pcfg.get("input_size") or (3, 256, 256))[-2:]
         norm = pcfg
         source = "export"
     else:
         raise FileNotFoundError(f"{path} is not a model folder: it has no checkpoint.json (from training / "
-                                f"dompre.export.save_checkpoint) and no config.json (from dompre export)")
+                                f"dompre.checkpoint.save_checkpoint) and no config.json (from dompre export)")
     model.eval()
     n = int(getattr(model, "num_classes", len(names)))
     if len(names) != n:
@@ -102,10 +123,11 @@ def load_model(path: str | Path, activation: Activation | None = None) -> Loaded
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     mean = tuple(norm.get("mean") or cfg.get("mean") or (0.485, 0.456, 0.406))
     std = tuple(norm.get("std") or cfg.get("std") or (0.229, 0.224, 0.225))
-    return LoadedModel(model, names, act, (int(size[0]), int(size[1])), mean, std, source)
+    return LoadedModel(model, names, act, (int(size[0]), int(size[1])), mean, std, source,
+                       prep_config(preparation))
 
 
-def _store_item(store: Any, i: int, store_dir: str, label_names: Sequence[str]) -> InputItem:
+def _store_item(store: SliceStore, i: int, store_dir: str, label_names: Sequence[str]) -> InputItem:
     """One SliceStore item with its labels mapped onto the model's label order and its lesion box."""
     image = np.asarray(store[i])
     truth = None
@@ -115,9 +137,7 @@ def _store_item(store: Any, i: int, store_dir: str, label_names: Sequence[str]) 
         truth = np.array([row[col[n]] if n in col else np.nan for n in label_names], dtype=np.float32)
         if np.isnan(truth).all():
             truth = None
-    box = None
-    if hasattr(store, "item_meta"):  # one item's metadata, not the store's whole table
-        box = parse_box(store.item_meta(i).get("bbox"))
+    box = parse_box(store.item_meta(i).get("bbox"))  # one item's metadata, not the store's whole table
     return InputItem(f"{Path(store_dir).name}:{i}", image, truth, box)
 
 
@@ -147,8 +167,6 @@ def _indices(text: str) -> list[int]:
 
 def _image_file(path: Path, size: tuple[int, int]) -> np.ndarray:
     """An 8-bit gray or colour image file -> uint8 (3, H, W) at the model's input size."""
-    from PIL import Image
-
     with Image.open(path) as im:
         if im.mode in ("I", "I;16", "I;16B", "F"):
             raise ValueError(f"{path} is a {im.mode} (16-bit or float) image; HU slices need windowing: "
@@ -159,39 +177,45 @@ def _image_file(path: Path, size: tuple[int, int]) -> np.ndarray:
         return np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1))
 
 
-def _dicom_stack(series: Path, index: int) -> np.ndarray:
-    """Slices index-1..index+1 of a DICOM series as ONE input, prepared as ingest prepares every input
-    (:func:`dompre.data.prep.prepare_stack` with the default ``PrepConfig``)."""
-    from dompre.data import prep
-    from dompre.data.dicom import read_series
-
+def _dicom_stack(series: Path, index: int, cfg: PrepConfig) -> np.ndarray:
+    """Slices index-1..index+1 (clamped at the ends) of a DICOM series as ONE input, made exactly as ingest makes
+    each of its inputs: :func:`dompre.data.prep.prepare_volume` on the stored values with their rescale (no HU
+    volume is made), here on those three slices only."""
     vol = read_series(series)
-    n = vol.hu.shape[0]
+    n = vol.stored.shape[0]
     if not 0 <= index < n:
         raise ValueError(f"{series}@{index}: slice index out of range; the series has slices 0..{n - 1}")
     rows = [max(0, index - 1), index, min(n - 1, index + 1)]
-    image, _ = prep.prepare_stack(np.asarray(vol.hu[rows], np.float32), prep.PrepConfig(),
-                                  window=vol.meta.get("window"))
-    return image
+    one = dataclasses.replace(cfg, slice_interval=None, stride=3)  # three slices -> exactly one stack
+    stacks, _ = prepare_volume(vol.stored[rows], vol.spacing, one, window=vol.meta["window"],
+                               rescale=(vol.slope[rows], vol.intercept[rows]))
+    return stacks[0]
 
 
-def parse_inputs(specs: Sequence[str], label_names: Sequence[str], input_size: tuple[int, int] = (256, 256)
-                 ) -> tuple[list[InputItem], list[tuple[str, str]]]:
+def parse_inputs(specs: Sequence[str], label_names: Sequence[str], input_size: tuple[int, int] = (256, 256),
+                 prep: PrepConfig | None = None) -> tuple[list[InputItem], list[tuple[str, str]]]:
     """Read every input spec; a bad one is skipped and reported, the rest go on.
+
+    Args:
+        specs: ``STORE_DIR:INDEX`` (or ``:3,7,9``, ``:10-19``), ``SERIES_DIR@SLICE`` or image files.
+        label_names: the model's labels (store labels are mapped onto them).
+        input_size: ``(H, W)`` image files are resized to.
+        prep: how ``SERIES_DIR@SLICE`` inputs are made (:func:`prep_config` of the model's recorded
+            preparation, :attr:`LoadedModel.prep`); default ``PrepConfig()``, ingest's default.
 
     Returns:
         ``(items, skipped)`` where ``skipped`` holds ``(spec, reason)`` pairs.
     """
+    prep = PrepConfig() if prep is None else prep
     items: list[InputItem] = []
     skipped: list[tuple[str, str]] = []
-    stores: dict[str, Any] = {}
+    stores: dict[str, SliceStore] = {}
     for spec in specs:
         try:
             head, sep, tail = spec.rpartition(":")
             dhead, dsep, dtail = spec.rpartition("@")
             if sep and Path(head).is_dir() and re.fullmatch(r"[\d,\-]+", tail):
                 if head not in stores:
-                    from dompre.data.store import SliceStore
                     stores[head] = SliceStore(head)
                 store = stores[head]
                 for i in _indices(tail):
@@ -200,7 +224,7 @@ def parse_inputs(specs: Sequence[str], label_names: Sequence[str], input_size: t
                         continue
                     items.append(_store_item(store, i, head, label_names))
             elif dsep and Path(dhead).exists() and re.fullmatch(r"\d+", dtail):
-                items.append(InputItem(f"{Path(dhead).name}@{dtail}", _dicom_stack(Path(dhead), int(dtail))))
+                items.append(InputItem(f"{Path(dhead).name}@{dtail}", _dicom_stack(Path(dhead), int(dtail), prep)))
             elif Path(spec).is_file() and Path(spec).suffix.lower() in IMAGE_SUFFIXES:
                 items.append(InputItem(Path(spec).name, _image_file(Path(spec), input_size)))
             elif Path(spec).exists():

@@ -9,6 +9,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import nn
 
 from dompre._io import write_atomic
@@ -56,7 +57,7 @@ def _write_csv(table: pd.DataFrame, path: Path) -> Path:
     return write_atomic(path, table.to_csv())
 
 
-def _attribute(pm: A.PixelModel, x, t: int, method: str, layer: str | None,
+def _attribute(pm: A.PixelModel, x: torch.Tensor, t: int, method: str, layer: str | None,
                n_steps: int) -> tuple[np.ndarray, float | None]:
     """Raw ``(H, W)`` attribution map of one image for ``method`` (perturb uses IG), and the IG delta."""
     if method == "gradcam":

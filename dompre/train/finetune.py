@@ -51,11 +51,11 @@ import yaml
 from accelerate.utils import set_seed
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
-from timm.models import clean_state_dict
 from torchvision.transforms import v2
 
 import dompre.models  # noqa: F401  (registers MAKNet and the baselines with timm)
 from dompre._io import atomic_open, write_atomic
+from dompre.checkpoint import read_weights
 from dompre.data.deeplesion import load_ontology
 from dompre.data.downstream import BoxAugment, Clahe, build_dataset, make_splits
 from dompre.errors import UserError
@@ -179,31 +179,13 @@ def load_finetune_recipe(path: str | Path | None, overrides: list[str] = ()) -> 
 
 
 # ----------------------------------------------------------------------------------------------- models
-def _weights_state_dict(path: Path) -> dict:
-    """A state dict from a safetensors or torch file (weights_only), unwrapped from common containers."""
-    try:
-        if path.suffix == ".safetensors":
-            sd = st_load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # noqa: BLE001 - corrupt file, or a pickle that needs more than tensors
-        raise ValueError(f"{path}: not a loadable weights file ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:160]}); pass a safetensors file or a torch state dict") from None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    return {k: v for k, v in clean_state_dict(sd).items() if isinstance(v, torch.Tensor)}
-
-
 def load_weights_file(model: nn.Module, path: str | Path) -> dict:
     """Load ``path`` into ``model`` non-strictly, dropping tensors whose shape differs (the classifier).
 
     Returns ``{"loaded", "missing", "unexpected", "shape_mismatch"}`` counts; raises ValueError if nothing matched.
     """
     path = Path(path)
-    sd = _weights_state_dict(path)
+    sd = read_weights(path)  # safetensors or weights_only torch file, unwrapped (the one reader of weights)
     own = model.state_dict()
     keep = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
     if not keep:
