@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from dompre.errors import UserError
 from dompre.train.bootstrap import patient_weights, score_labels
 from dompre.train.metrics import THRESHOLD_GRID, choose_thresholds
 
@@ -44,7 +45,7 @@ def store_truth(store, truth_csv: str | Path, label_names: Sequence[str]) -> tup
     by_series = {uid: g for uid, g in truth.groupby("series_uid")}
     for uid, rows in meta.groupby(meta["series_uid"].astype(str)).indices.items():
         if uid not in by_series:
-            raise KeyError(f"series {uid} of {store.path} is not in {truth_csv}; score a store made from that cohort")
+            raise UserError(f"series {uid} of {store.path} is not in {truth_csv}; score a store made from that cohort")
         t = by_series[uid]
         z = t["z"].to_numpy(np.float64)
         k = np.abs(z[None, :] - meta["z"].to_numpy(np.float64)[rows, None]).argmin(1)

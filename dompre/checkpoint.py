@@ -36,6 +36,7 @@ from torch import nn
 
 from dompre._io import write_atomic
 from dompre.data.store import read_manifest
+from dompre.errors import UserError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "record_metrics", "store_preparation",
            "run_preparation", "read_weights", "unwrap_state_dict", "WEIGHTS_NAME", "CHECKPOINT_JSON", "SLICES"]
@@ -162,9 +163,9 @@ def read_checkpoint_meta(directory: str | os.PathLike) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); rewrite the checkpoint") from e
+        raise UserError(f"{path}: not valid JSON ({e}); rewrite the checkpoint") from e
     if record.get("format") != FORMAT or "arch" not in record:
-        raise ValueError(f"{path}: not a {FORMAT} file (format={record.get('format')!r}); "
+        raise UserError(f"{path}: not a {FORMAT} file (format={record.get('format')!r}); "
                          f"pass a folder written by save_checkpoint")
     return record
 
@@ -197,10 +198,10 @@ def read_weights(path: str | os.PathLike, *, fix: str = "pass a safetensors file
         state = (load_file(str(path), device="cpu") if path.suffix == ".safetensors"
                  else torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:  # noqa: BLE001 - SafetensorError, UnpicklingError and friends: a corrupt or foreign file
-        raise ValueError(f"{path}: not a loadable weights file ({type(e).__name__}: "
+        raise UserError(f"{path}: not a loadable weights file ({type(e).__name__}: "
                          f"{(str(e).splitlines() or [''])[0][:160]}); {fix}") from None
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict; {fix}")
+        raise UserError(f"{path}: holds a {type(state).__name__}, not a state dict; {fix}")
     return unwrap_state_dict(state)
 
 
@@ -223,7 +224,7 @@ def load_checkpoint(directory: str | os.PathLike, **overrides: Any) -> tuple[nn.
     try:
         model = timm.create_model(record["arch"], pretrained=False, **kwargs)
     except RuntimeError as e:
-        raise ValueError(f"{directory / CHECKPOINT_JSON}: cannot build arch {record['arch']!r} ({e}); "
+        raise UserError(f"{directory / CHECKPOINT_JSON}: cannot build arch {record['arch']!r} ({e}); "
                          f"`import` the package that registers it or fix the arch name") from e
     state = read_weights(directory / WEIGHTS_NAME, fix="the checkpoint is incomplete or damaged: rewrite it")
     new_head = kwargs.get("num_classes") != record.get("num_classes")
@@ -234,7 +235,7 @@ def load_checkpoint(directory: str | os.PathLike, **overrides: Any) -> tuple[nn.
     result = model.load_state_dict(state, strict=not new_head)
     if new_head and (result.unexpected_keys or any(k.rsplit(".", 1)[0] not in classifiers
                                                    for k in result.missing_keys)):
-        raise ValueError(f"{directory}: weights do not fit {record['arch']} with num_classes="
+        raise UserError(f"{directory}: weights do not fit {record['arch']} with num_classes="
                          f"{kwargs.get('num_classes')} (missing {result.missing_keys}, unexpected "
                          f"{result.unexpected_keys})")
     model.eval()

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dompre import __version__
-from dompre.recipes import RecipeError
+from dompre.errors import REPORTED, UserError
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:
@@ -80,7 +80,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     lm = load_model(args.model, args.activation)
     items, skipped = parse_inputs(args.inputs, lm.label_names, lm.input_size, lm.prep)
     if not items:
-        raise ValueError(f"no input could be read ({len(skipped)} skipped: "
+        raise UserError(f"no input could be read ({len(skipped)} skipped: "
                          + "; ".join(f"{s}: {r}" for s, r in skipped[:3]) + ")")
     results, montage, failed = explain_items(wrap_model(lm.model, lm.activation, lm.mean, lm.std), items, lm.label_names,
                                              args.method, args.out, label=args.label, layer=args.layer,
@@ -120,7 +120,7 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
 def _run_ingest_dicom(args: argparse.Namespace) -> int:
     from dompre.data.ingest import ingest_dicom, load_ingest_recipe
     if args.workers < 1:
-        raise ValueError(f"--workers {args.workers}: must be >= 1")
+        raise UserError(f"--workers {args.workers}: must be >= 1")
     recipe = load_ingest_recipe(args.recipe, tuple(args.overrides))
     s = ingest_dicom(args.input_dir, args.store_dir, workers=args.workers, recipe=recipe,
                      progress=not args.no_progress)
@@ -151,7 +151,7 @@ def _add_ingest_deeplesion(group: argparse._SubParsersAction) -> None:
 def _run_ingest_deeplesion(args: argparse.Namespace) -> int:
     from dompre.data.ingest_deeplesion import ingest_deeplesion, load_deeplesion_recipe
     if args.workers < 1:
-        raise ValueError(f"--workers {args.workers}: must be >= 1")
+        raise UserError(f"--workers {args.workers}: must be >= 1")
     recipe = load_deeplesion_recipe(args.recipe, tuple(args.overrides))
     s = ingest_deeplesion(args.root, args.store_dir, labels=args.labels, ontology=args.ontology,
                           classes=args.classes, workers=args.workers, recipe=recipe, progress=not args.no_progress)
@@ -207,7 +207,7 @@ def _run_study(args: argparse.Namespace) -> int:
     try:
         freezes = tuple(float(f) for f in args.freeze.split(","))
     except ValueError:
-        raise ValueError(f"--freeze {args.freeze!r}: give comma-separated numbers, e.g. 0,50,100") from None
+        raise UserError(f"--freeze {args.freeze!r}: give comma-separated numbers, e.g. 0,50,100") from None
     res = run_study(args.recipe, inits=tuple(args.init.split(",")), freezes=freezes, seeds=args.seeds,
                     strategies=tuple(args.strategy.split(",")) if args.strategy else None, metric=args.metric,
                     weights=args.weights, out_dir=args.out, overrides=tuple(args.overrides), tsne=args.tsne)
@@ -318,7 +318,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from dompre.demo import run_demo
     logging.basicConfig(level=logging.WARNING)
     if args.seeds < 1 or args.patients < 2 or args.heldout_patients < 2:
-        raise ValueError("--seeds must be >= 1, --patients and --heldout-patients >= 2")
+        raise UserError("--seeds must be >= 1, --patients and --heldout-patients >= 2")
     s = run_demo(args.out, patients=args.patients, seed=args.seed, heldout_patients=args.heldout_patients,
                  seeds=tuple(range(args.seed, args.seed + args.seeds)), recipe=args.recipe,
                  overrides=args.overrides, progress=not args.no_progress)
@@ -351,13 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` and run the subcommand; user errors print one line and exit 2."""
+    """Parse ``argv`` and run the subcommand; user errors (:data:`dompre.errors.REPORTED`) print one line and
+    exit 2, any other exception propagates with its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (RecipeError, ValueError, FileNotFoundError, KeyError, PermissionError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"dompre {args.command}: error: {msg}", file=sys.stderr)
+    except REPORTED as e:  # anything else is a bug and keeps its traceback
+        print(f"dompre {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dompre {args.command}: interrupted; rerun the same command to continue", file=sys.stderr)

@@ -8,6 +8,8 @@ subclasses ``KeyError`` for lookups of names the user gave (labels, layers, metr
 """
 from __future__ import annotations
 
+__all__ = ["REPORTED", "UnknownName", "UserError"]
+
 
 class UserError(ValueError):
     """Input the user can fix; the message names what was wrong, where, and the fix."""
@@ -18,3 +20,7 @@ class UnknownName(UserError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+# what a command reports as one line (exit 2): the user's mistakes and the user's files missing or unreadable
+REPORTED = (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)

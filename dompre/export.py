@@ -35,6 +35,7 @@ from timm.models import save_for_hf
 from torch import nn
 
 from dompre.checkpoint import SLICES, WEIGHTS_NAME, load_checkpoint
+from dompre.errors import UserError
 
 __all__ = ["export_timm", "check_export_target", "is_export", "EXPORT_MARKER", "EXPLAIN_PNG"]
 
@@ -227,12 +228,12 @@ def check_export_target(out_dir: str | os.PathLike, *, overwrite: bool = False, 
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir}: exists and is not a folder; choose a new folder for the export")
+        raise UserError(f"{out_dir}: exists and is not a folder; choose a new folder for the export")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not is_export(out_dir) and not overwrite:
-        raise ValueError(f"{out_dir}: holds files and is not a dompre export (no {EXPORT_MARKER}); choose a new or "
+        raise UserError(f"{out_dir}: holds files and is not a dompre export (no {EXPORT_MARKER}); choose a new or "
                          f"empty folder, or pass --overwrite to delete its contents")
     if hub_repo is not None and (hub_repo.count("/") != 1 or not all(hub_repo.split("/"))):
-        raise ValueError(f"hub repo {hub_repo!r}: give it as OWNER/NAME")
+        raise UserError(f"hub repo {hub_repo!r}: give it as OWNER/NAME")
     return out_dir
 
 

@@ -32,6 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dompre.errors import REPORTED, UnknownName, UserError
 from dompre.recipes import load_recipe, recipe_to_dict, save_recipe
 from dompre.train.config import PretrainRecipe, check_recipe
 
@@ -70,10 +71,10 @@ def load_run_data(recipe: PretrainRecipe) -> RunData:
                                     "'dompre ingest' or fix the path")
     labeled, unlabeled = SliceStore(d.labeled_store), SliceStore(d.unlabeled_store)
     if labeled.labels is None or not labeled.label_names:
-        raise ValueError(f"data.labeled_store: {d.labeled_store} has no labels; ingest it with "
+        raise UserError(f"data.labeled_store: {d.labeled_store} has no labels; ingest it with "
                          "'dompre ingest deeplesion ... --labels JSON' or point to a labeled store")
     if len(unlabeled) == 0:
-        raise ValueError(f"data.unlabeled_store: {d.unlabeled_store} is empty; ingest DICOM series into it first")
+        raise UserError(f"data.unlabeled_store: {d.unlabeled_store} is empty; ingest DICOM series into it first")
     ontology = None
     if d.ontology:
         from dompre.data.deeplesion import load_ontology
@@ -84,12 +85,12 @@ def load_run_data(recipe: PretrainRecipe) -> RunData:
     elif d.label_class == "all":
         names = store_names
     elif ontology is None:
-        raise ValueError(f"data.label_class={d.label_class!r} needs data.ontology; set it or use data.label_class=all")
+        raise UserError(f"data.label_class={d.label_class!r} needs data.ontology; set it or use data.label_class=all")
     else:
         names = ontology.select(d.label_class, within=store_names)
     missing = [n for n in names if n not in store_names]
     if missing or not names:
-        raise KeyError(f"labels {missing[:5] or names} are not columns of {d.labeled_store} "
+        raise UnknownName(f"labels {missing[:5] or names} are not columns of {d.labeled_store} "
                        f"(it has {store_names[:8]}...); fix data.labels / data.label_class")
     cols = [store_names.index(n) for n in names]
     labels = labeled.labels[:, cols]
@@ -98,7 +99,7 @@ def load_run_data(recipe: PretrainRecipe) -> RunData:
     known = ~np.isnan(labels).all(1)
     train_rows = np.flatnonzero((split == d.train_split) & known)
     if len(train_rows) == 0:
-        raise ValueError(f"{d.labeled_store}: no labeled row with split={d.train_split!r}; check data.train_split")
+        raise UserError(f"{d.labeled_store}: no labeled row with split={d.train_split!r}; check data.train_split")
     rows = {"val": np.flatnonzero((split == d.val_split) & known),
             "test": np.flatnonzero((split == d.test_split) & known)}
     set_labels = {k: labels[v] for k, v in rows.items()}
@@ -128,7 +129,7 @@ def _load_checkpoint(stage: Path, label_names: list[str]):
     model, info = load_checkpoint(_checkpoint_dir(stage))
     have = list(info.get("label_names") or [])
     if have != list(label_names):
-        raise ValueError(f"{_checkpoint_dir(stage)} was trained on {len(have)} labels {have[:4]}..., this recipe "
+        raise UserError(f"{_checkpoint_dir(stage)} was trained on {len(have)} labels {have[:4]}..., this recipe "
                          f"selects {len(label_names)} {label_names[:4]}...; use a new output_dir or the same labels")
     return model.eval()
 
@@ -206,7 +207,7 @@ def _pseudo_targets(recipe: PretrainRecipe, data: RunData, prev: Path) -> tuple:
 
     pseudo = PseudoLabels(prev / "pseudo")
     if pseudo.label_names != data.label_names:
-        raise ValueError(f"{pseudo.folder}: pseudo-labels over {len(pseudo.label_names)} labels do not match "
+        raise UserError(f"{pseudo.folder}: pseudo-labels over {len(pseudo.label_names)} labels do not match "
                          f"the model's {len(data.label_names)} labels; use a new output_dir")
     metrics = prev / "metrics.json"
     val_th = np.asarray(json.loads(metrics.read_text())["thresholds"]) if metrics.is_file() else None
@@ -229,7 +230,7 @@ def _check_same_run(recipe: PretrainRecipe, out: Path) -> None:
     if diff:
         layout = (" (it was written before the shared optim:/loss: sections; its teacher: settings were every "
                   "role's)" if "optim" not in old else "")
-        raise ValueError(f"{out} holds a run with other settings for {diff}{layout}; use a new output_dir or the "
+        raise UserError(f"{out} holds a run with other settings for {diff}{layout}; use a new output_dir or the "
                          f"recipe in {saved}")
 
 
@@ -366,8 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         result = run_recipe(args.recipe, args.overrides)
-    except (ValueError, FileNotFoundError, KeyError) as e:  # bad recipe or data: one line, no traceback
-        logger.error("error: %s", e.args[0] if isinstance(e, KeyError) and e.args else e)
+    except REPORTED as e:  # bad recipe or data: one line, no traceback; a bug keeps its traceback
+        logger.error("error: %s", e)
         return 2
     logger.info("done: %s", json.dumps({"output_dir": result["output_dir"], **result["report"]}))
     return 0

@@ -23,6 +23,7 @@ import pandas as pd
 from PIL import Image
 
 from dompre.data.prep import PrepConfig, prepare_stack
+from dompre.errors import UnknownName, UserError
 
 DL_COLUMNS = (
     "File_name", "Patient_index", "Study_index", "Series_ID", "Key_slice_index", "Measurement_coordinates",
@@ -48,7 +49,7 @@ def _parse_list(cell: str, path: Path, column: str, row: int) -> tuple[float, ..
     try:
         return tuple(float(v) for v in str(cell).split(",") if v.strip())
     except ValueError:
-        raise ValueError(f"{path}: row {row} column {column}: {cell!r} is not a comma-separated number list; "
+        raise UserError(f"{path}: row {row} column {column}: {cell!r} is not a comma-separated number list; "
                          "list cells must look like \"1.5, 2, 3\"") from None
 
 
@@ -73,7 +74,7 @@ def read_dl_info(path: str | Path) -> pd.DataFrame:
     df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in DL_COLUMNS if c not in df.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; DL_info.csv must have the 18 columns "
+        raise UserError(f"{path}: missing column(s) {missing}; DL_info.csv must have the 18 columns "
                          f"{list(DL_COLUMNS)}")
     df = df.loc[:, list(DL_COLUMNS)].copy()
     for col in _LIST_COLUMNS:
@@ -85,13 +86,13 @@ def read_dl_info(path: str | Path) -> pd.DataFrame:
         num = pd.to_numeric(df[col], errors="coerce")
         if num.isna().any():
             row = int(np.flatnonzero(num.isna().to_numpy())[0])
-            raise ValueError(f"{path}: row {row} column {col}: {df[col].iat[row]!r} is not an integer")
+            raise UserError(f"{path}: row {row} column {col}: {df[col].iat[row]!r} is not an integer")
         df[col] = num.astype(np.int64)
     df["Patient_age"] = pd.to_numeric(df["Patient_age"], errors="coerce")
     names = df["File_name"].astype(str)
     bad = ~names.str.contains("_", regex=False)
     if bad.any():
-        raise ValueError(f"{path}: File_name {names[bad].iat[0]!r} is not like 000001_01_01_109.png")
+        raise UserError(f"{path}: File_name {names[bad].iat[0]!r} is not like 000001_01_01_109.png")
     parts = names.str.rsplit("_", n=1)
     df["folder"] = parts.str[0]
     df["slice_file"] = parts.str[1]
@@ -109,9 +110,9 @@ def read_png_slice(path: str | Path) -> np.ndarray:
             mode = im.mode
             arr = np.asarray(im)
     except OSError as e:
-        raise ValueError(f"{path}: unreadable PNG ({e})") from None
+        raise UserError(f"{path}: unreadable PNG ({e})") from None
     if mode not in ("I;16", "I;16L", "I;16B", "I") or (mode == "I" and (arr.min() < 0 or arr.max() > 65535)):
-        raise ValueError(f"{path}: PNG mode {mode!r} is not 16-bit grayscale; DeepLesion slices are uint16 "
+        raise UserError(f"{path}: PNG mode {mode!r} is not 16-bit grayscale; DeepLesion slices are uint16 "
                          "PNGs holding HU + 32768")
     return arr.astype(np.float32) - HU_OFFSET
 
@@ -142,7 +143,7 @@ class LesaNetLabels:
         pos = {t: i for i, t in enumerate(self.term_list)}
         unknown = [t for t in terms if t not in pos]
         if unknown:
-            raise KeyError(f"{self.path}: term(s) {unknown[:5]} not in the term list; use names from term_list")
+            raise UnknownName(f"{self.path}: term(s) {unknown[:5]} not in the term list; use names from term_list")
         return [pos[t] for t in terms]
 
     def matrix(self, split: str, terms: list[str] | None = None) -> np.ndarray:
@@ -158,7 +159,7 @@ class LesaNetLabels:
             float32 (n_lesions_in_split, n_terms).
         """
         if split not in self.lesion_idxs:
-            raise KeyError(f"{self.path}: split {split!r} not found; choose one of {list(self.lesion_idxs)}")
+            raise UnknownName(f"{self.path}: split {split!r} not found; choose one of {list(self.lesion_idxs)}")
         cols = self.term_indices(terms)
         full = np.zeros((len(self.lesion_idxs[split]), len(self.term_list)), np.float32)
         for i, unc in enumerate(self.uncertain[split]):
@@ -177,14 +178,14 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a JSON file ({e}); pass the LesaNet JSON label file") from None
+        raise UserError(f"{path}: not a JSON file ({e}); pass the LesaNet JSON label file") from None
 
 
 def _inside(base: Path, rel: str, what: str) -> Path:
     """``base / rel``, refused when ``rel`` is absolute or climbs out of ``base`` (a path from a data file)."""
     path = Path(os.path.normpath(base / rel))
     if Path(rel).is_absolute() or not path.is_relative_to(Path(os.path.normpath(base))):
-        raise ValueError(f"{what} {rel!r} points outside {base}; refused")
+        raise UserError(f"{what} {rel!r} points outside {base}; refused")
     return path
 
 
@@ -195,10 +196,10 @@ def load_lesanet_labels(path: str | Path) -> LesaNetLabels:
         raise FileNotFoundError(f"{path}: LesaNet label file not found; pass text_mined_labels_171_and_split.json")
     data = _read_json(path)
     if not isinstance(data, dict) or "term_list" not in data:
-        raise ValueError(f"{path}: not a LesaNet label file (a dict with term_list and <split>_lesion_idxs)")
+        raise UserError(f"{path}: not a LesaNet label file (a dict with term_list and <split>_lesion_idxs)")
     splits = [s for s in SPLITS if f"{s}_lesion_idxs" in data]
     if not splits:
-        raise ValueError(f"{path}: no <split>_lesion_idxs key; expected train/val/test_lesion_idxs")
+        raise UserError(f"{path}: no <split>_lesion_idxs key; expected train/val/test_lesion_idxs")
     n_terms = len(data["term_list"])
     out = LesaNetLabels(list(data["term_list"]), {}, {}, {}, {}, path)
     for s in splits:
@@ -208,11 +209,11 @@ def load_lesanet_labels(path: str | Path) -> LesaNetLabels:
                             ("irrelevant", out.irrelevant)):
             lists = data.get(f"{s}_{kind}_labels", [[] for _ in idxs])
             if len(lists) != len(idxs):
-                raise ValueError(f"{path}: {s}_{kind}_labels has {len(lists)} entries for {len(idxs)} lesions")
+                raise UserError(f"{path}: {s}_{kind}_labels has {len(lists)} entries for {len(idxs)} lesions")
             lists = [[int(j) for j in lst] for lst in lists]
             bad = [j for lst in lists for j in lst if not 0 <= j < n_terms]
             if bad:
-                raise ValueError(f"{path}: {s}_{kind}_labels holds term index {bad[0]} outside 0..{n_terms - 1}")
+                raise UserError(f"{path}: {s}_{kind}_labels holds term index {bad[0]} outside 0..{n_terms - 1}")
             store[s] = lists
     return out
 
@@ -234,7 +235,7 @@ def load_hand_labeled(path: str | Path, terms: list[str]) -> HandLabeledSet:
         raise FileNotFoundError(f"{path}: hand-labeled set not found; pass hand_labeled_test_set.json")
     items = _read_json(path)
     if not isinstance(items, list) or any("lesion_idx" not in d for d in items):
-        raise ValueError(f"{path}: expected a list of {{text, lesion_idx, expanded_terms}} dicts")
+        raise UserError(f"{path}: expected a list of {{text, lesion_idx, expanded_terms}} dicts")
     pos = {t: i for i, t in enumerate(terms)}
     labels = np.zeros((len(items), len(terms)), np.float32)
     ignored: set[str] = set()
@@ -280,14 +281,14 @@ class Ontology:
     def _index(self, label_names: list[str]) -> dict[str, int]:
         unknown = [t for t in label_names if t not in self.term_class]
         if unknown:
-            raise KeyError(f"{self.path}: label(s) {unknown[:5]} not in the ontology; use the ontology's terms")
+            raise UnknownName(f"{self.path}: label(s) {unknown[:5]} not in the ontology; use the ontology's terms")
         return {t: i for i, t in enumerate(label_names)}
 
     def select(self, class_: str = "bodypart", within: list[str] | None = None) -> list[str]:
         """Terms of one class, in ``within``'s order if given (e.g. the label file's term list), else file order."""
         classes = sorted(set(self.term_class.values()))
         if class_ not in classes:
-            raise ValueError(f"{self.path}: class {class_!r} not in the ontology; choose one of {classes}")
+            raise UserError(f"{self.path}: class {class_!r} not in the ontology; choose one of {classes}")
         pool = self.terms if within is None else [t for t in within if t in self.term_class]
         return [t for t in pool if self.term_class[t] == class_]
 
@@ -316,13 +317,13 @@ def _read_ontology_rows(path: Path) -> list[dict]:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
     else:
-        raise ValueError(f"{path}: ontology must be .xlsx or .csv (columns {list(ONTOLOGY_COLUMNS)})")
+        raise UserError(f"{path}: ontology must be .xlsx or .csv (columns {list(ONTOLOGY_COLUMNS)})")
     if not rows:
-        raise ValueError(f"{path}: empty ontology file")
+        raise UserError(f"{path}: empty ontology file")
     header = [str(h).strip() if h is not None else "" for h in rows[0]]
     missing = [c for c in ONTOLOGY_COLUMNS if c not in header]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; expected {list(ONTOLOGY_COLUMNS)}")
+        raise UserError(f"{path}: missing column(s) {missing}; expected {list(ONTOLOGY_COLUMNS)}")
     col = {c: header.index(c) for c in ONTOLOGY_COLUMNS}
     out = []
     for r in rows[1:]:
@@ -392,7 +393,7 @@ def load_ontology(path: str | Path) -> Ontology:
     terms = [str(r["term"]).strip() for r in rows]
     if len(set(terms)) != len(terms):
         dup = sorted({t for t in terms if terms.count(t) > 1})
-        raise ValueError(f"{path}: duplicated term(s) {dup[:5]}; each term must appear once")
+        raise UserError(f"{path}: duplicated term(s) {dup[:5]}; each term must appear once")
     direct: dict[str, set[str]] = {t: set() for t in terms}
     exclusive: dict[str, set[str]] = {t: set() for t in terms}
     for t, r in zip(terms, rows):
@@ -423,7 +424,7 @@ class LesionInputConfig:
 
     def __post_init__(self) -> None:
         if not self.interval_mm > 0:
-            raise ValueError(f"interval_mm = {self.interval_mm!r} must be > 0 mm (LesaNet uses 2)")
+            raise UserError(f"interval_mm = {self.interval_mm!r} must be > 0 mm (LesaNet uses 2)")
 
 
 @dataclass
@@ -474,7 +475,7 @@ def load_lesion_slices(folder: str | Path, key: int, slice_interval: float,
             return np.stack([cur, cur, cur])
         rel = round(float(interval_mm) / float(slice_interval), 6)
     else:
-        raise ValueError(f"neighbours={neighbours!r}; choose 'consecutive' or 'interval'")
+        raise UserError(f"neighbours={neighbours!r}; choose 'consecutive' or 'interval'")
     lo, hi = int(np.floor(rel)), int(np.ceil(rel))
     a = rel - lo  # weight of the farther slice
     planes = []
@@ -485,7 +486,7 @@ def load_lesion_slices(folder: str | Path, key: int, slice_interval: float,
             planes.append(a * get(sign * hi) + (1.0 - a) * get(sign * lo))
     shapes = {p.shape for p in (planes[0], get(0), planes[1])}
     if len(shapes) != 1:
-        raise ValueError(f"{folder}: slices around {key:03d}.png differ in size {sorted(shapes)}")
+        raise UserError(f"{folder}: slices around {key:03d}.png differ in size {sorted(shapes)}")
     return np.stack([planes[0], get(0), planes[1]]).astype(np.float32, copy=False)
 
 
@@ -524,7 +525,7 @@ def build_lesion_input(root: str | Path, info: pd.DataFrame, lesion_idx: int, *,
         FileNotFoundError: the key slice PNG is missing. ValueError: a slice is not a 16-bit PNG.
     """
     if lesion_idx not in info.index:
-        raise KeyError(f"lesion {lesion_idx} is not a row of DL_info.csv ({len(info)} rows)")
+        raise UnknownName(f"lesion {lesion_idx} is not a row of DL_info.csv ({len(info)} rows)")
     row = info.loc[lesion_idx]
     root = Path(root)
     folder = _inside(root / "Images_png", row["folder"], "DL_info.csv File_name")

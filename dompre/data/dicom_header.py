@@ -31,6 +31,8 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from dompre.errors import UserError
+
 _KEYS = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Modality", "SeriesDescription", "BodyPartExamined",
          "NumberOfFrames", "SOPInstanceUID", "ImageType", "ImagePositionPatient", "ImageOrientationPatient",
          "InstanceNumber", "RescaleSlope", "RescaleIntercept", "PixelSpacing", "WindowCenter", "WindowWidth", "Rows",
@@ -44,7 +46,7 @@ _UNDEFINED = 0xFFFFFFFF
 _MAX_ELEMENTS = 100_000   # top-level elements before Pixel Data; real CT headers hold a few hundred
 
 
-class SeriesError(ValueError):
+class SeriesError(UserError):
     """A file or series that cannot be used; ``str(e)`` is the reason written to the ingest report."""
 
 

@@ -33,6 +33,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from dompre.errors import UserError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -69,7 +71,7 @@ class DownstreamDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{type(self).__name__}: dataset folder {self.root} does not exist; "
                                     f"set data.root to the unpacked dataset")
         if channels not in (1, 3):
-            raise ValueError(f"channels={channels!r}: use 3 (grayscale repeated) or 1 (model in_chans=1)")
+            raise UserError(f"channels={channels!r}: use 3 (grayscale repeated) or 1 (model in_chans=1)")
         self.image_size, self.channels, self.transform = image_size, channels, transform
         self.skipped = []
 
@@ -103,7 +105,7 @@ class DownstreamDataset(torch.utils.data.Dataset):
         self.meta = pd.DataFrame(rows, columns=sorted({k for r in rows for k in r} | {"path", "split", "group"}))
         self.labels = np.asarray(labels, dtype=np.float32).reshape(len(rows), len(self.label_names))
         if not rows:
-            raise ValueError(f"{type(self).__name__}: no usable images under {self.root}; "
+            raise UserError(f"{type(self).__name__}: no usable images under {self.root}; "
                              f"check the folder layout (see docs of {type(self).__name__})")
 
 
@@ -229,7 +231,7 @@ def read_chestxray14_csv(path: str | Path) -> pd.DataFrame:
              "OriginalImagePixelSpacing[x": "spacing_x", "y]": "spacing_y"}
     missing = [c for c in list(names)[:7] if c not in df.columns]
     if missing:
-        raise KeyError(f"{path}: missing column(s) {missing}; expected the Data_Entry_2017 headers {list(names)}")
+        raise UserError(f"{path}: missing column(s) {missing}; expected the Data_Entry_2017 headers {list(names)}")
     df = df.rename(columns=names)
     df["age"] = pd.to_numeric(df["age"].astype(str).str.extract(r"(\d+)")[0], errors="coerce")
     return df
@@ -272,7 +274,7 @@ class DeepLesion(DownstreamDataset):
             self._finish(rows, _one_hot(targets, 8))
         elif target == "lesanet":
             if labels_json is None:
-                raise ValueError("DeepLesion(target='lesanet') needs labels_json "
+                raise UserError("DeepLesion(target='lesanet') needs labels_json "
                                  "(text_mined_labels_171_and_split.json)")
             lab = dl.load_lesanet_labels(labels_json)
             raw = json.loads(Path(labels_json).read_text())
@@ -290,7 +292,7 @@ class DeepLesion(DownstreamDataset):
                         mats.append(mat[j])
             self._finish(rows, np.asarray(mats, np.float32).reshape(len(rows), len(self.label_names)))
         else:
-            raise ValueError(f"DeepLesion: target={target!r}; use 'type' or 'lesanet'")
+            raise UserError(f"DeepLesion: target={target!r}; use 'type' or 'lesanet'")
 
     def _usable(self, info: pd.DataFrame, idx: int) -> bool:
         noisy = info["Possibly_noisy"].iat[idx] if "Possibly_noisy" in info else 0
@@ -359,7 +361,7 @@ class Clahe:
 
     def __init__(self, clip_limit: float = 2.0, tiles: int = 8, color: bool = False) -> None:
         if clip_limit <= 0 or tiles < 1:
-            raise ValueError(f"CLAHE: clip_limit={clip_limit} must be > 0 and tiles={tiles} >= 1")
+            raise UserError(f"CLAHE: clip_limit={clip_limit} must be > 0 and tiles={tiles} >= 1")
         self.clip_limit, self.tiles, self.color = clip_limit, tiles, color
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
@@ -448,7 +450,7 @@ def make_splits(ds: DownstreamDataset, *, val_fraction: float = 0.1, test_fracti
     idx = np.arange(n)
     if folds > 1:
         if not 0 <= fold < folds:
-            raise ValueError(f"fold={fold} is outside 0..{folds - 1} for folds={folds}")
+            raise UserError(f"fold={fold} is outside 0..{folds - 1} for folds={folds}")
         from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
         splitter = (StratifiedGroupKFold(folds, shuffle=True, random_state=seed) if y is not None
                     else GroupKFold(folds))
@@ -476,4 +478,4 @@ def build_dataset(kind: str, root: str | Path, **kwargs) -> DownstreamDataset:
         return ChestXray14(root, **kwargs)
     if kind in ("deeplesion_type", "lesanet"):
         return DeepLesion(root, target="type" if kind == "deeplesion_type" else "lesanet", **kwargs)
-    raise ValueError(f"data.kind={kind!r}; choose kvasir, pneumonia, chestxray14, deeplesion_type or lesanet")
+    raise UserError(f"data.kind={kind!r}; choose kvasir, pneumonia, chestxray14, deeplesion_type or lesanet")

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from dompre.data.dicom import SeriesError, SeriesInfo, group_headers, list_files, read_series, scan_file
 from dompre.data.prep import PrepConfig, prepare_volume
 from dompre.data.store import StoreWriter, write_report
+from dompre.errors import UserError
 from dompre.recipes import load_recipe
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class IngestRecipe:
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:
-            raise ValueError(f"shard_size = {self.shard_size!r} must be >= 1")
+            raise UserError(f"shard_size = {self.shard_size!r} must be >= 1")
 
 
 def load_ingest_recipe(path: str | Path | None = None, overrides: tuple[str, ...] = ()) -> IngestRecipe:
@@ -218,12 +219,12 @@ def ingest_dicom(input_dir: str | Path, store_dir: str | Path, *, workers: int =
         ValueError: bad option, or the store was made with other settings.
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers = {workers!r} must be an integer >= 1")
+        raise UserError(f"workers = {workers!r} must be an integer >= 1")
     recipe = recipe or IngestRecipe()
     input_dir, store_dir = Path(input_dir), Path(store_dir)
     files = list_files(input_dir)
     if not files:
-        raise ValueError(f"input folder {input_dir} holds no files (hidden ones aside); pass the root of the "
+        raise UserError(f"input folder {input_dir} holds no files (hidden ones aside); pass the root of the "
                          f"DICOM download")
     _check_store_dir(store_dir)
     info = {"source": "dicom", "prep": dataclasses.asdict(recipe.prep)}

@@ -26,6 +26,7 @@ from dompre.data.deeplesion import (LesionInputConfig, build_lesion_input, load_
                                     read_dl_info)
 from dompre.data.prep import PrepConfig
 from dompre.data.store import StoreWriter, write_report
+from dompre.errors import UserError
 from dompre.recipes import load_recipe
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,9 @@ class DeepLesionIngestRecipe:
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:
-            raise ValueError(f"shard_size = {self.shard_size!r} must be >= 1")
+            raise UserError(f"shard_size = {self.shard_size!r} must be >= 1")
         if not self.interval_mm > 0:
-            raise ValueError(f"interval_mm = {self.interval_mm!r} must be > 0 mm")
+            raise UserError(f"interval_mm = {self.interval_mm!r} must be > 0 mm")
 
     @property
     def lesion(self) -> LesionInputConfig:
@@ -86,18 +87,18 @@ def _label_columns(labels, ontology_path: str | Path | None, classes: str | None
     """The store's label columns: the term list, or its terms of one ontology class (checked against it)."""
     if ontology_path is None:
         if classes is not None:
-            raise ValueError(f"--classes {classes}: needs --ontology to know each term's class")
+            raise UserError(f"--classes {classes}: needs --ontology to know each term's class")
         return list(labels.term_list)
     onto = load_ontology(ontology_path)
     missing = [t for t in labels.term_list if t not in onto.term_class]
     if missing:
-        raise ValueError(f"{ontology_path}: term(s) {missing[:5]} of {labels.path} are not in the ontology; "
+        raise UserError(f"{ontology_path}: term(s) {missing[:5]} of {labels.path} are not in the ontology; "
                          "pass the ontology that matches the label file")
     if classes is None:
         return list(labels.term_list)
     names = onto.select(classes, within=labels.term_list)
     if not names:
-        raise ValueError(f"--classes {classes}: no term of {labels.path} has that class")
+        raise UserError(f"--classes {classes}: no term of {labels.path} has that class")
     return names
 
 
@@ -144,7 +145,7 @@ def ingest_deeplesion(root: str | Path, store_dir: str | Path, *, labels: str | 
         The summary written into ``report.json`` (counts, skip reasons, report path).
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers = {workers!r} must be an integer >= 1")
+        raise UserError(f"workers = {workers!r} must be an integer >= 1")
     recipe = recipe or DeepLesionIngestRecipe()
     root, store_dir = Path(root), Path(store_dir)
     if not (root / "Images_png").is_dir():

@@ -18,6 +18,8 @@ from torchvision.transforms.v2 import functional as TF
 from monai.transforms import CropForeground, ScaleIntensityRange, SpatialPad
 from scipy import ndimage
 
+from dompre.errors import UserError
+
 _BLOCK = 18  # slices windowed (and 3-slice stacks resized) together: temporaries stay small and in cache
 
 
@@ -38,14 +40,14 @@ class PrepConfig:
     def __post_init__(self) -> None:
         lo, hi = self.window
         if not hi > lo:
-            raise ValueError(f"prep.window {self.window!r}: high must exceed low, e.g. [-1024, 3071]")
+            raise UserError(f"prep.window {self.window!r}: high must exceed low, e.g. [-1024, 3071]")
         for name in ("size", "stride"):
             if getattr(self, name) < 1:
-                raise ValueError(f"prep.{name} = {getattr(self, name)!r} must be >= 1")
+                raise UserError(f"prep.{name} = {getattr(self, name)!r} must be >= 1")
         if self.crop_margin < 0 or self.min_slices < 1:
-            raise ValueError("prep.crop_margin must be >= 0 and prep.min_slices >= 1")
+            raise UserError("prep.crop_margin must be >= 0 and prep.min_slices >= 1")
         if self.slice_interval is not None and self.slice_interval <= 0:
-            raise ValueError(f"prep.slice_interval = {self.slice_interval!r} must be > 0 mm or null")
+            raise UserError(f"prep.slice_interval = {self.slice_interval!r} must be > 0 mm or null")
 
 
 def _np(x) -> np.ndarray:
@@ -63,7 +65,7 @@ def window_hu(hu: np.ndarray, window: tuple[float, float],
     """
     lo, hi = float(window[0]), float(window[1])
     if not hi > lo:
-        raise ValueError(f"window {window!r}: high must exceed low")
+        raise UserError(f"window {window!r}: high must exceed low")
     gain = np.float32(255.0 / (hi - lo))
     if rescale is None:
         a, b = gain, -np.float32(lo) * gain

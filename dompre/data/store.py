@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from dompre._io import write_atomic
+from dompre.errors import UserError
 
 MANIFEST = "manifest.json"
 REPORT = "report.json"  # an ingest job's list of every unit with its status and skip reason
@@ -101,7 +102,7 @@ def read_manifest(path: str | Path) -> dict:
         raise FileNotFoundError(f"{path} is not a SliceStore (no {MANIFEST}); run `dompre ingest` to create one")
     m = json.loads(f.read_text())
     if int(m.get("version", 1)) > VERSION:
-        raise ValueError(f"{f}: store version {m['version']} was written by a newer dompre (this one reads up to "
+        raise UserError(f"{f}: store version {m['version']} was written by a newer dompre (this one reads up to "
                          f"{VERSION}); upgrade dompre")
     return m
 
@@ -111,7 +112,7 @@ def _check_shard(path: Path, entry: dict) -> dict:
     name = entry.get("name") if isinstance(entry, dict) else None
     root = (path / "shards").resolve()
     if not isinstance(name, str) or not _NAME.match(name) or (root / name).resolve().parent != root:
-        raise ValueError(f"{path / MANIFEST}: shard name {name!r} is not a file of {root}; a store lists only "
+        raise UserError(f"{path / MANIFEST}: shard name {name!r} is not a file of {root}; a store lists only "
                          "its own shards/ files, so this manifest is damaged or not from dompre: rebuild the store")
     return entry
 
@@ -206,7 +207,7 @@ class StoreWriter:
     def __init__(self, path: str | Path, *, image_size: int = 256, label_names: Sequence[str] | None = None,
                  shard_size: int = 1024, info: dict | None = None):
         if shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+            raise UserError(f"shard_size must be >= 1, got {shard_size}")
         self.path = Path(path)
         self.image_size = int(image_size)
         self.label_names = list(label_names) if label_names is not None else None
@@ -224,7 +225,7 @@ class StoreWriter:
             m, self._shards, units = _read_state(self.path, with_units=True)
             for key, value in self._head.items():
                 if key != "version" and m.get(key) != value:
-                    raise ValueError(f"{self.path} was written with {key}={m.get(key)!r}, this run has "
+                    raise UserError(f"{self.path} was written with {key}={m.get(key)!r}, this run has "
                                      f"{value!r}; use a new STORE_DIR or the original settings")
             self._units = units or {}
             if "generation" in m:
@@ -447,7 +448,7 @@ class SliceStore:
         want = _npy_header((n, 3, self.image_size, self.image_size))
         if os.pread(fd, _HEADER_LEN, 0) != want or os.fstat(fd).st_size != _HEADER_LEN + n * self._item_bytes:
             os.close(fd)
-            raise ValueError(f"{f}: not a shard of {n} uint8 (3, {self.image_size}, {self.image_size}) items as "
+            raise UserError(f"{f}: not a shard of {n} uint8 (3, {self.image_size}, {self.image_size}) items as "
                              f"{self.path / MANIFEST} says; the store is damaged: rebuild it")
         self._fds[k] = fd
         while len(self._fds) > self._max_open:
@@ -458,7 +459,7 @@ class SliceStore:
         """Fill ``out`` (contiguous, ``m`` items) with items ``local .. local + m`` of shard ``k``."""
         got = os.preadv(self._fd(k), [out], _HEADER_LEN + local * self._item_bytes)
         if got != out.nbytes:
-            raise ValueError(f"{self.path}/shards/{self._names[k]}.npy is truncated; rebuild the store")
+            raise UserError(f"{self.path}/shards/{self._names[k]}.npy is truncated; rebuild the store")
 
     def _locate(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = len(self)

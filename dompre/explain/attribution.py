@@ -16,6 +16,8 @@ from monai.visualize import GradCAM
 from timm.data import resolve_model_data_config
 from torch import nn
 
+from dompre.errors import UnknownName, UserError
+
 Activation = Literal["sigmoid", "softmax"]
 
 
@@ -33,7 +35,7 @@ class PixelModel(nn.Module):
                  activation: Activation = "sigmoid") -> None:
         super().__init__()
         if activation not in ("sigmoid", "softmax"):
-            raise ValueError(f"activation {activation!r} is not supported; use 'sigmoid' or 'softmax'")
+            raise UserError(f"activation {activation!r} is not supported; use 'sigmoid' or 'softmax'")
         self.net = net
         self.activation = activation
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
@@ -126,7 +128,7 @@ def occlusion(pm: PixelModel, x: torch.Tensor, target: int | Sequence[int], *, w
     window = window or max(2, min(h, w) // 8)
     stride = stride or max(1, window // 2)
     if window > min(h, w):
-        raise ValueError(f"occlusion window {window} is larger than the image ({h}x{w}); pass a smaller window")
+        raise UserError(f"occlusion window {window} is larger than the image ({h}x{w}); pass a smaller window")
     with torch.no_grad():
         attr = Occlusion(pm).attribute(x, sliding_window_shapes=(c, window, window), strides=(c, stride, stride),
                                        baselines=0.0, target=_targets(target, len(x)),
@@ -145,7 +147,7 @@ def default_cam_layer(model: nn.Module) -> str:
             return module
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
-        raise ValueError(f"{type(model).__name__} has no Conv2d layer for Grad-CAM; name one with layer=")
+        raise UserError(f"{type(model).__name__} has no Conv2d layer for Grad-CAM; name one with layer=")
     return convs[-1]
 
 
@@ -171,7 +173,7 @@ def grad_cam(pm: PixelModel, x: torch.Tensor, target: int, layer: str | None = N
     layer = layer or default_cam_layer(pm.net)
     names = [n for n, _ in pm.net.named_modules() if n]
     if layer not in names:
-        raise KeyError(f"layer {layer!r} is not in {type(pm.net).__name__}; choose one of: {', '.join(names[-12:])}"
+        raise UnknownName(f"layer {layer!r} is not in {type(pm.net).__name__}; choose one of: {', '.join(names[-12:])}"
                        f" (last 12 of {len(names)} shown)")
     # MONAI installs hooks it never removes and turns off in-place ops: work on a private copy.
     work = copy.deepcopy(pm).eval()

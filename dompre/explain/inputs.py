@@ -27,6 +27,7 @@ from dompre.checkpoint import load_checkpoint
 from dompre.data.dicom import read_series
 from dompre.data.prep import PrepConfig, prepare_volume
 from dompre.data.store import SliceStore
+from dompre.errors import UserError
 from dompre.explain.attribution import Activation
 from dompre.explain.perturb import Box
 
@@ -169,7 +170,7 @@ def _image_file(path: Path, size: tuple[int, int]) -> np.ndarray:
     """An 8-bit gray or colour image file -> uint8 (3, H, W) at the model's input size."""
     with Image.open(path) as im:
         if im.mode in ("I", "I;16", "I;16B", "F"):
-            raise ValueError(f"{path} is a {im.mode} (16-bit or float) image; HU slices need windowing: "
+            raise UserError(f"{path} is a {im.mode} (16-bit or float) image; HU slices need windowing: "
                              f"ingest them into a SliceStore (dompre ingest deeplesion) and explain STORE:INDEX")
         im = im.convert("RGB")
         if im.size != (size[1], size[0]):
@@ -184,7 +185,7 @@ def _dicom_stack(series: Path, index: int, cfg: PrepConfig) -> np.ndarray:
     vol = read_series(series)
     n = vol.stored.shape[0]
     if not 0 <= index < n:
-        raise ValueError(f"{series}@{index}: slice index out of range; the series has slices 0..{n - 1}")
+        raise UserError(f"{series}@{index}: slice index out of range; the series has slices 0..{n - 1}")
     rows = [max(0, index - 1), index, min(n - 1, index + 1)]
     one = dataclasses.replace(cfg, slice_interval=None, stride=3)  # three slices -> exactly one stack
     stacks, _ = prepare_volume(vol.stored[rows], vol.spacing, one, window=vol.meta["window"],
@@ -228,7 +229,7 @@ def parse_inputs(specs: Sequence[str], label_names: Sequence[str], input_size: t
             elif Path(spec).is_file() and Path(spec).suffix.lower() in IMAGE_SUFFIXES:
                 items.append(InputItem(Path(spec).name, _image_file(Path(spec), input_size)))
             elif Path(spec).exists():
-                raise ValueError("not an input: use STORE_DIR:INDEX, SERIES_DIR@SLICE or a PNG/JPEG file")
+                raise UserError("not an input: use STORE_DIR:INDEX, SERIES_DIR@SLICE or a PNG/JPEG file")
             else:
                 raise FileNotFoundError(f"{spec} does not exist")
         except (ValueError, FileNotFoundError, KeyError, OSError) as e:

@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from dompre.errors import UserError
+
 Box = tuple[float, float, float, float]
 
 
@@ -23,11 +25,11 @@ def box_mask(shape: tuple[int, int], box: Box) -> np.ndarray:
     h, w = shape
     x1, y1, x2, y2 = box
     if not (x2 > x1 and y2 > y1):
-        raise ValueError(f"box {box} is empty; give (x1, y1, x2, y2) with x2 > x1 and y2 > y1")
+        raise UserError(f"box {box} is empty; give (x1, y1, x2, y2) with x2 > x1 and y2 > y1")
     c0, r0 = max(0, math.floor(x1)), max(0, math.floor(y1))
     c1, r1 = min(w, math.ceil(x2)), min(h, math.ceil(y2))
     if c1 <= c0 or r1 <= r0:
-        raise ValueError(f"box {box} lies outside the {h}x{w} image")
+        raise UserError(f"box {box} lies outside the {h}x{w} image")
     mask = np.zeros((h, w), dtype=bool)
     mask[r0:r1, c0:c1] = True
     return mask
@@ -63,7 +65,7 @@ def inpaint(image: np.ndarray, mask: np.ndarray, iterations: int | None = None) 
     """
     _check(image, mask)
     if mask.all():
-        raise ValueError("inpaint mask covers the whole image; nothing is left to fill from")
+        raise UserError("inpaint mask covers the whole image; nothing is left to fill from")
     if not mask.any():
         return image.copy()
     rows, cols = np.nonzero(mask)
@@ -87,7 +89,7 @@ def inpaint(image: np.ndarray, mask: np.ndarray, iterations: int | None = None) 
 def top_pixel_mask(attr_map: np.ndarray, fraction: float) -> np.ndarray:
     """Mask of exactly ``round(fraction * H * W)`` pixels with the highest attribution (at least one)."""
     if not 0 < fraction < 1:
-        raise ValueError(f"fraction {fraction} must be in (0, 1), e.g. 0.05 for the top 5% of pixels")
+        raise UserError(f"fraction {fraction} must be in (0, 1), e.g. 0.05 for the top 5% of pixels")
     flat = np.asarray(attr_map, dtype=np.float64).ravel()
     k = max(1, int(round(fraction * flat.size)))
     idx = np.argpartition(-flat, k - 1)[:k]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dompre._io import write_atomic
+from dompre.errors import UnknownName, UserError
 from dompre.explain import attribution as A
 from dompre.explain import figures as F
 from dompre.explain import perturb as P
@@ -43,7 +44,7 @@ def target_index(label: str | None, label_names: Sequence[str], probs: np.ndarra
         return int(np.argmax(probs))
     if label not in label_names:
         shown = ", ".join(label_names[:20]) + (" ..." if len(label_names) > 20 else "")
-        raise KeyError(f"label {label!r} is not one of the model's {len(label_names)} labels: {shown}")
+        raise UnknownName(f"label {label!r} is not one of the model's {len(label_names)} labels: {shown}")
     return list(label_names).index(label)
 
 
@@ -110,9 +111,9 @@ def explain_items(pm: A.PixelModel, items: Sequence[InputItem], label_names: Seq
         ValueError: unknown method. KeyError: ``label`` or ``layer`` not in the model (configuration errors).
     """
     if method not in METHODS:
-        raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+        raise UserError(f"method {method!r} is not one of {', '.join(METHODS)}")
     if layer is not None and method != "gradcam":
-        raise ValueError(f"--layer applies to gradcam only, not to method {method!r}")
+        raise UserError(f"--layer applies to gradcam only, not to method {method!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results, panels, skipped = [], [], []
@@ -120,7 +121,9 @@ def explain_items(pm: A.PixelModel, items: Sequence[InputItem], label_names: Seq
         try:
             res, panel = explain_one(pm, item, label_names, method, out_dir, label=label, layer=layer,
                                      n_steps=n_steps, view=view)
-        except ValueError as e:  # a KeyError (unknown label or layer) is configuration: it stops the run
+        except UnknownName:  # an unknown label or layer is configuration: it stops the run
+            raise
+        except ValueError as e:  # this input cannot be explained: skipped and reported, the others go on
             log.warning("skipping %s: %s", item.name, e)
             skipped.append((item.name, str(e)))
             continue

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torchvision.ops import roi_align, roi_pool
 
+from dompre.errors import UserError
 from dompre.models.heads import ScorePropagation
 
 
@@ -45,7 +46,7 @@ class LesaNet(nn.Module):
         info = self.backbone.feature_info
         chans, reductions = info.channels(), info.reduction()
         if len(chans) < 5:
-            raise ValueError(f"LesaNet backbone {backbone!r} has {len(chans)} feature stages; it needs 5")
+            raise UserError(f"LesaNet backbone {backbone!r} has {len(chans)} feature stages; it needs 5")
         take = list(range(5))  # timm's VGG taps the final max-pool as a sixth stage: keep the five conv stages
         self.stages, self.box_stages = take, tuple(box_stages)
         self.scales = [1.0 / reductions[i] for i in take]

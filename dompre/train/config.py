@@ -28,6 +28,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional
 
+from dompre.errors import UserError
 from dompre.recipes import PATH
 
 
@@ -254,4 +255,4 @@ def check_recipe(recipe: PretrainRecipe, source: str = "recipe") -> None:
     if not 0 < lo <= hi <= 1:
         problems.append(f"student.crop_scale={s.crop_scale} must satisfy 0 < low <= high <= 1")
     if problems:
-        raise ValueError(f"{source}: " + "; ".join(problems))
+        raise UserError(f"{source}: " + "; ".join(problems))

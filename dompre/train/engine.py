@@ -38,6 +38,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 
 from dompre._io import write_atomic
+from dompre.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ class Position:
     def load_state_dict(self, d: dict) -> None:
         values = [d.get(k) for k in ("epoch", "step", "global_step")] if isinstance(d, dict) else [None]
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-            raise ValueError(f"position {d!r}: epoch, step and global_step must be integers >= 0")
+            raise UserError(f"position {d!r}: epoch, step and global_step must be integers >= 0")
         self.epoch, self.step, self.global_step = values
 
     def save(self, folder: Path) -> None:
@@ -258,7 +259,7 @@ class Position:
         try:
             saved = json.loads(pos_file.read_text())
         except (OSError, ValueError) as e:
-            raise ValueError(f"{pos_file}: unreadable resume position ({e}); delete {folder} to restart this "
+            raise UserError(f"{pos_file}: unreadable resume position ({e}); delete {folder} to restart this "
                              f"stage") from None
         self.load_state_dict(saved)
 
@@ -324,7 +325,7 @@ def load_state(accelerator, folder: Path, position: Position, extras: Sequence[S
     """Load a state written by :func:`save_state` without unpickling anything (see the module docstring)."""
     pickles = sorted(p.name for p in folder.glob("custom_checkpoint_*.pkl"))
     if pickles:
-        raise ValueError(f"{folder} holds {', '.join(pickles)}: resume states are never pickled objects (an older "
+        raise UserError(f"{folder} holds {', '.join(pickles)}: resume states are never pickled objects (an older "
                          f"dompre or another program wrote it, or it was planted); it is not loaded. Delete {folder} "
                          f"to restart this stage from its beginning")
     if accelerator._custom_objects:  # noqa: SLF001 - accelerate would unpickle them with weights_only=False

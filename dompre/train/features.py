@@ -28,6 +28,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
+from dompre.errors import UnknownName, UserError
 from dompre.train.engine import InputPrep
 
 
@@ -39,17 +40,17 @@ def resolve_layer(model: nn.Module, layer: str) -> nn.Module | None:
     if layer.lstrip("-").isdigit():
         info = getattr(model, "feature_info", None)
         if not info:
-            raise KeyError(f"train.feature_layer={layer}: the model has no feature_info; give a module name")
+            raise UnknownName(f"train.feature_layer={layer}: the model has no feature_info; give a module name")
         entries = list(info)
         k = int(layer)
         if not -len(entries) <= k < len(entries):
-            raise KeyError(f"train.feature_layer={layer}: the model has {len(entries)} feature stages "
+            raise UnknownName(f"train.feature_layer={layer}: the model has {len(entries)} feature stages "
                            f"(0..{len(entries) - 1}): {[e['module'] for e in entries]}")
         layer = entries[k]["module"]
         layer = layer if layer in modules else layer.replace("_", ".")
     if layer not in modules:
         tops = [n for n in modules if n and n.count(".") <= 1]
-        raise KeyError(f"train.feature_layer={layer!r} is not a module of the model; e.g. {', '.join(tops[:40])}")
+        raise UnknownName(f"train.feature_layer={layer!r} is not a module of the model; e.g. {', '.join(tops[:40])}")
     return modules[layer]
 
 
@@ -73,7 +74,7 @@ def pool_map(fmap: torch.Tensor, how: str) -> torch.Tensor:
         return fmap.amax(dim=(2, 3))
     if how == "avg":
         return fmap.mean(dim=(2, 3))
-    raise ValueError(f"train.feature_pool={how!r}: use avg or max")
+    raise UserError(f"train.feature_pool={how!r}: use avg or max")
 
 
 @torch.no_grad()
@@ -111,7 +112,7 @@ def extract(model: nn.Module, loader, prep: InputPrep, *, layer: str = "",
                 out = model.forward_features(xs)
                 fmap = tap.out if tap is not None else out
                 if fmap.ndim != 4:
-                    raise ValueError(f"train.feature_layer={layer!r} gives a {fmap.ndim}-D output; pick a "
+                    raise UserError(f"train.feature_layer={layer!r} gives a {fmap.ndim}-D output; pick a "
                                      f"convolutional layer (N, C, H, W)")
                 per_scale.append(fmap.flatten(2).transpose(1, 2) if local else pool_map(fmap, pool))
             if local:  # (B, positions over all scales, C)
@@ -155,18 +156,18 @@ def fit_encoding(train_feats, how: str, *, pca_dim: int = 0, vlad_k: int = 0, se
     if how == "pca":
         x = np.asarray(train_feats)
         if not 0 < pca_dim <= min(x.shape):
-            raise ValueError(f"train.pca_dim={pca_dim}: use 1..{min(x.shape)} (train samples and feature size)")
+            raise UserError(f"train.pca_dim={pca_dim}: use 1..{min(x.shape)} (train samples and feature size)")
         pca = PCA(n_components=pca_dim, random_state=seed).fit(x)
         return pca.transform
     if how == "vlad":
         allx = np.concatenate([np.asarray(d) for d in train_feats])
         if not 0 < vlad_k <= len(allx):
-            raise ValueError(f"train.vlad_k={vlad_k}: use 1..{len(allx)} (train descriptors)")
+            raise UserError(f"train.vlad_k={vlad_k}: use 1..{len(allx)} (train descriptors)")
         rng = np.random.default_rng(seed)
         sample = allx[rng.choice(len(allx), min(len(allx), 100_000), replace=False)]
         km = KMeans(n_clusters=vlad_k, n_init=3, random_state=seed).fit(sample)
         return lambda f: vlad(f, km.cluster_centers_)
-    raise ValueError(f"train.feature_encoding={how!r}: use none, pca or vlad")
+    raise UserError(f"train.feature_encoding={how!r}: use none, pca or vlad")
 
 
 def fit_linear(kind: str, x: np.ndarray, y: np.ndarray, balanced: bool, seed: int):

@@ -160,20 +160,20 @@ def load_finetune_recipe(path: str | Path | None, overrides: list[str] = ()) -> 
     recipe = load_recipe(path, FinetuneRecipe, overrides)
     t, m = recipe.train, recipe.model
     if not 0 <= t.freeze <= 100:
-        raise ValueError(f"train.freeze={t.freeze}: a percentage of layers in 0..100")
+        raise UserError(f"train.freeze={t.freeze}: a percentage of layers in 0..100")
     if m.init in ("domain", "file") and not m.weights:
-        raise ValueError(f"model.init={m.init} needs model.weights (an export folder or a weights file)")
+        raise UserError(f"model.init={m.init} needs model.weights (an export folder or a weights file)")
     if m.init in ("domain", "file", "meanvar") and m.weights and not Path(m.weights).exists():
         raise FileNotFoundError(f"model.weights {m.weights} does not exist; fix the path")
     if m.init == "domain" and not (Path(m.weights) / "config.json").is_file():
         raise FileNotFoundError(f"model.weights {m.weights}: no config.json; init=domain takes a `dompre export` "
                                 f"folder (use init=file for a weights file)")
     if recipe.data.kind == "lesanet" and m.head != "lesanet":
-        raise ValueError("data.kind=lesanet needs model.head=lesanet (the RoI head uses the lesion box)")
+        raise UserError("data.kind=lesanet needs model.head=lesanet (the RoI head uses the lesion box)")
     if t.strategy == "features" and m.head == "lesanet":
-        raise ValueError("train.strategy=features is for model.head=timm; LesaNet trains its RoI head")
+        raise UserError("train.strategy=features is for model.head=timm; LesaNet trains its RoI head")
     if m.n_models < 1:
-        raise ValueError(f"model.n_models={m.n_models}: use 1 or more")
+        raise UserError(f"model.n_models={m.n_models}: use 1 or more")
     check_options(recipe)
     return recipe
 
@@ -189,7 +189,7 @@ def load_weights_file(model: nn.Module, path: str | Path) -> dict:
     own = model.state_dict()
     keep = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
     if not keep:
-        raise ValueError(f"weights file {path}: none of its {len(sd)} tensors match the model's names and shapes; "
+        raise UserError(f"weights file {path}: none of its {len(sd)} tensors match the model's names and shapes; "
                          f"check model.arch")
     res = model.load_state_dict(keep, strict=False)
     return {"loaded": len(keep), "missing": len(res.missing_keys), "unexpected": len(set(sd) - set(own)),
@@ -352,7 +352,7 @@ class EpochProgress:
             best = folder / "best.safetensors"
             self.best = st_load_file(str(best)) if best.is_file() else None
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{folder}: unreadable fine-tuning progress ({e}); delete {folder.parent} to "
+            raise UserError(f"{folder}: unreadable fine-tuning progress ({e}); delete {folder.parent} to "
                              f"restart this model") from None
 
 
@@ -497,7 +497,7 @@ def prepare_data(recipe: FinetuneRecipe):
     if d.kind in ("lesanet", "deeplesion_type"):
         kw["return_box"] = recipe.model.head == "lesanet"
     elif recipe.model.head == "lesanet":
-        raise ValueError(f"model.head=lesanet needs lesion boxes: use data.kind lesanet or deeplesion_type, "
+        raise UserError(f"model.head=lesanet needs lesion boxes: use data.kind lesanet or deeplesion_type, "
                          f"not {d.kind}")
     if d.clahe:
         kw["transform"] = Clahe(d.clahe_clip, d.clahe_tiles, color=d.kind == "kvasir")
@@ -506,7 +506,7 @@ def prepare_data(recipe: FinetuneRecipe):
                          folds=d.folds, fold=d.fold, min_val=d.min_val)
     for name in ("train", "test"):
         if not len(splits[name]):
-            raise ValueError(f"{d.root}: the {name} split is empty ({len(ds)} usable samples); add data or "
+            raise UserError(f"{d.root}: the {name} split is empty ({len(ds)} usable samples); add data or "
                              f"change data.test_fraction / data.val_fraction")
     return ds, splits
 

@@ -16,6 +16,8 @@ import torch
 from monai.losses import FocalLoss
 from torch import nn
 
+from dompre.errors import UserError
+
 MAX_LABEL_WEIGHT = 20.0
 """The cap of :func:`label_weights` (the pretraining recipe's ``loss.max_label_weight`` default)."""
 
@@ -87,7 +89,7 @@ class WeightedFocalLoss(nn.Module):
                  hard_fraction: float = 0.0) -> None:
         super().__init__()
         if not 0.0 <= hard_fraction <= 1.0:
-            raise ValueError(f"hard_fraction={hard_fraction}: 0 (off) or a share in (0, 1]")
+            raise UserError(f"hard_fraction={hard_fraction}: 0 (off) or a share in (0, 1]")
         if (pos_weight is None) != (neg_weight is None):
             raise ValueError("give both pos_weight and neg_weight, or neither")
         for name, w in (("pos_weight", pos_weight), ("neg_weight", neg_weight)):

@@ -24,6 +24,7 @@ import torch
 from accelerate.utils import tqdm
 
 from dompre._io import atomic_open, write_atomic
+from dompre.errors import UserError
 from dompre.train.engine import Items, outputs
 
 logger = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ def label_store(accelerator, model: torch.nn.Module, store, folder: str | Path, 
     folder.mkdir(parents=True, exist_ok=True)
     n = len(store)
     if n == 0:
-        raise ValueError(f"the unlabeled store {getattr(store, 'path', store)} is empty; ingest series into it first")
+        raise UserError(f"the unlabeled store {getattr(store, 'path', store)} is empty; ingest series into it first")
     if (folder / "index.json").is_file():
         return folder
     mine = [c for c in rank_chunks(n, chunk_size, accelerator.process_index, accelerator.num_processes)

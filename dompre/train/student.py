@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
+from dompre.errors import UserError
 from dompre.train.config import PseudoConfig, StudentConfig
 from dompre.train.engine import Items, StreamSampler, epoch_steps, make_loader
 from dompre.train.pseudo_label import PseudoLabels, balance_weights
@@ -50,7 +51,7 @@ def noise_params(transform: v2.Compose, in_size: int, seed: int) -> np.ndarray:
     kinds = [type(t) for t in transform.transforms]
     order = [v2.RandomResizedCrop, v2.RandomRotation, v2.RandomGrayscale, v2.RandomAutocontrast]
     if not set(kinds) <= set(order) or len(set(kinds)) != len(kinds) or sorted(kinds, key=order.index) != kinds:
-        raise ValueError(f"train.augment_on=device applies {[k.__name__ for k in order]} in that order; the "
+        raise UserError(f"train.augment_on=device applies {[k.__name__ for k in order]} in that order; the "
                          f"student's noise is {[k.__name__ for k in kinds]}: use train.augment_on=cpu")
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)  # = torch.manual_seed on the CPU, without its stack capture
@@ -60,7 +61,7 @@ def noise_params(transform: v2.Compose, in_size: int, seed: int) -> np.ndarray:
                 out[:4] = p["top"], p["left"], p["height"], p["width"]
             elif isinstance(t, v2.RandomRotation):
                 if t.expand or t.center is not None:
-                    raise ValueError("train.augment_on=device rotates about the centre without expand; use cpu")
+                    raise UserError("train.augment_on=device rotates about the centre without expand; use cpu")
                 out[4] = t.make_params([probe])["angle"]
             else:  # RandomGrayscale, RandomAutocontrast: one coin each, as _RandomApplyTransform.forward draws it
                 out[5 if isinstance(t, v2.RandomGrayscale) else 6] = float(not torch.rand(1) >= t.p)
@@ -131,7 +132,7 @@ class PseudoTargets:
 
     def __init__(self, pseudo: PseudoLabels, kept: np.ndarray, soft: bool, unkept: str = "negative") -> None:
         if unkept not in ("negative", "soft", "ignore"):
-            raise ValueError(f"pseudo.unkept={unkept!r}; choose negative, soft or ignore")
+            raise UserError(f"pseudo.unkept={unkept!r}; choose negative, soft or ignore")
         self.idx, self.prob, self.kept, self.soft, self.unkept = pseudo.idx, pseudo.prob, kept, soft, unkept
         self.num_labels = len(pseudo.label_names)
 
@@ -165,7 +166,7 @@ def pseudo_rows(pseudo: PseudoLabels, cfg: PseudoConfig, exclusive: np.ndarray |
     has = kept.any(1)
     rows = np.flatnonzero(has) if cfg.drop_empty else np.arange(len(pseudo))
     if len(rows) == 0:
-        raise ValueError(f"{pseudo.folder}: no unlabeled input has a label above pseudo.threshold="
+        raise UserError(f"{pseudo.folder}: no unlabeled input has a label above pseudo.threshold="
                          f"{cfg.threshold}; lower the threshold or train the teacher longer")
     weights = None
     if cfg.balance:
@@ -183,7 +184,7 @@ def mix_batches(labeled: dict, pseudo: dict | None) -> dict:
         return {"image": labeled["image"], "target": labeled["target"],
                 "is_pseudo": torch.zeros(len(labeled["image"]), dtype=torch.bool, device=labeled["image"].device)}
     if labeled["target"].shape[1] != pseudo["target"].shape[1]:
-        raise ValueError(f"labeled targets have {labeled['target'].shape[1]} labels but pseudo-labels "
+        raise UserError(f"labeled targets have {labeled['target'].shape[1]} labels but pseudo-labels "
                          f"{pseudo['target'].shape[1]}: the pseudo-labels were made for another label set")
     mask = torch.cat([torch.zeros(len(labeled["image"]), dtype=torch.bool),
                       torch.ones(len(pseudo["image"]), dtype=torch.bool)]).to(labeled["image"].device)
@@ -252,7 +253,7 @@ def build_loaders(labeled_store, train_rows: np.ndarray, labeled_targets, *, lab
         gc.freeze()
     steps = epoch_steps(len(train_rows), labeled_batch, world)
     if augment_on not in ("cpu", "device"):
-        raise ValueError(f"augment_on={augment_on!r}: choose 'cpu' or 'device'")
+        raise UserError(f"augment_on={augment_on!r}: choose 'cpu' or 'device'")
     noise = None
     images = Items
     if augment_on == "device" and transform is not None:

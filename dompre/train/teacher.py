@@ -11,6 +11,7 @@ from pathlib import Path
 import timm
 import torch
 
+from dompre.errors import UserError
 from dompre.train.engine import Position, create_optimizer, create_scheduler, fit
 from dompre.train.student import NoisyStudentTask, StudentData
 
@@ -22,7 +23,7 @@ def create_model(arch: str, num_classes: int, *, drop_rate: float = 0.0, drop_pa
     """``timm.create_model`` with the label count; drop path only where the architecture takes it."""
     import dompre  # noqa: F401  (registers MAKNet with timm)
     if arch not in timm.list_models() and not timm.is_model(arch):
-        raise ValueError(f"model.name {arch!r} is not a timm architecture; try 'maknet_tiny', 'maknet', 'resnet18'")
+        raise UserError(f"model.name {arch!r} is not a timm architecture; try 'maknet_tiny', 'maknet', 'resnet18'")
     kwargs = {"num_classes": num_classes, "drop_rate": drop_rate}
     if drop_path_rate > 0:
         kwargs["drop_path_rate"] = drop_path_rate
@@ -49,7 +50,7 @@ def train_stage(accelerator, *, model: torch.nn.Module, loss_fn: torch.nn.Module
     model, optimizer, *loaders = accelerator.prepare(model, optimizer, *data.loaders)
     steps = len(loaders[0])
     if steps == 0:
-        raise ValueError(f"{stage}: no training batch; the labeled training set is smaller than the batch size")
+        raise UserError(f"{stage}: no training batch; the labeled training set is smaller than the batch size")
     scheduler = create_scheduler(optimizer, epochs * steps, warmup_steps=int(warmup_epochs * steps))
     task = NoisyStudentTask(model, loss_fn.to(accelerator.device), prep, pseudo_weight, noise=data.noise)
 

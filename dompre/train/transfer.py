@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dompre.errors import UnknownName, UserError
+
 if TYPE_CHECKING:
     from dompre.train.finetune import FinetuneRecipe
 
@@ -92,19 +94,19 @@ def check_options(recipe: "FinetuneRecipe") -> None:
     """Stop at once on options that cannot work together (and on ImageNet weights that cannot be had)."""
     t, m = recipe.train, recipe.model
     if t.freeze_until and t.freeze:
-        raise ValueError(f"train.freeze_until={t.freeze_until!r} and train.freeze={t.freeze:g}: set one of them")
+        raise UserError(f"train.freeze_until={t.freeze_until!r} and train.freeze={t.freeze:g}: set one of them")
     if t.head_l1 < 0 or t.head_l2 < 0:
-        raise ValueError("train.head_l1 / train.head_l2 must be >= 0")
+        raise UserError("train.head_l1 / train.head_l2 must be >= 0")
     if (t.rhem or t.triplet_weight or t.box_augment) and m.head != "lesanet":
-        raise ValueError("train.rhem, train.triplet_weight and train.box_augment are LesaNet options: set "
+        raise UserError("train.rhem, train.triplet_weight and train.box_augment are LesaNet options: set "
                          "model.head=lesanet (with data.kind lesanet)")
     if t.rhem and recipe.data.kind != "lesanet":
-        raise ValueError(f"train.rhem mines lesion-label pairs of a multi-label task: use data.kind=lesanet, "
+        raise UserError(f"train.rhem mines lesion-label pairs of a multi-label task: use data.kind=lesanet, "
                          f"not {recipe.data.kind}")
     if not 0 < t.rhem_fraction <= 1:
-        raise ValueError(f"train.rhem_fraction={t.rhem_fraction}: a share in (0, 1]")
+        raise UserError(f"train.rhem_fraction={t.rhem_fraction}: a share in (0, 1]")
     if any(s < 8 for s in t.feature_scales):
-        raise ValueError(f"train.feature_scales={list(t.feature_scales)}: input sides in pixels (>= 8)")
+        raise UserError(f"train.feature_scales={list(t.feature_scales)}: input sides in pixels (>= 8)")
     if m.init == "imagenet" or (m.init == "meanvar" and not m.weights):
         check_imagenet_weights(m.arch)
 
@@ -144,7 +146,7 @@ def freeze_until(model: nn.Module, name: str, layers: list[tuple[str, nn.Module]
         base = layers[0][0].count(".") if layers else 0
         valid = [n for n in names if n and pos[n] <= last and n.count(".") <= base + 1
                  and (n.startswith("backbone.") or not layers[0][0].startswith("backbone."))]
-        raise KeyError(f"train.freeze_until={name!r} is not a module below the classifier; valid names include "
+        raise UnknownName(f"train.freeze_until={name!r} is not a module below the classifier; valid names include "
                        f"{', '.join(valid[:60])}{' ...' if len(valid) > 60 else ''} (or any deeper name of "
                        f"model.named_modules())")
     end = max(i for n, i in pos.items() if n == name or n.startswith(name + "."))
