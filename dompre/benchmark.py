@@ -25,8 +25,12 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
+from dompre._io import save_figure
 from dompre.errors import UserError
+from dompre.noisy_student import load_stage_model, make_accelerator, pseudo_targets, run, train_arm
+from dompre.train.engine import InputPrep, predict
 from dompre.train.bootstrap import patient_weights, score_labels
 from dompre.train.metrics import THRESHOLD_GRID, choose_thresholds
 
@@ -82,8 +86,6 @@ def score_model(accelerator, model, held: HeldOut, prep, *, taught: np.ndarray, 
                 batch_size: int = 128, grid: Sequence[float] = THRESHOLD_GRID) -> dict:
     """Held-out scores of one model: thresholds on val, mean AUC / F1 on test (all labels and the taught
     ones) with patient-bootstrap replicates (the same draws for every model, so differences pair up)."""
-    from dompre.train.engine import predict
-
     s = {k: predict(accelerator, model, held.store, held.rows[k], prep, batch_size) for k in ("val", "test")}
     th = choose_thresholds(s["val"], held.truth["val"].astype(np.float32), grid)
     w = patient_weights(held.patients["test"], replicates, seed=0)
@@ -125,9 +127,6 @@ def run_arms(recipe, data, held: HeldOut, unlabeled_truth: np.ndarray, *, replic
 
     Returns ``{"arms": {name: scores}, "pseudo": [quality per iteration], "taught": [...], "run": result}``.
     """
-    from dompre.noisy_student import _load_checkpoint, _pseudo_targets, make_accelerator, run, train_arm
-    from dompre.train.engine import InputPrep
-
     out = Path(recipe.output_dir)
     accelerator = make_accelerator(recipe, out)
     result = run(recipe, accelerator, data)
@@ -139,7 +138,7 @@ def run_arms(recipe, data, held: HeldOut, unlabeled_truth: np.ndarray, *, replic
                       {"used": n_unl, "source": "truth"})
     arms = {}
     for name, stage in models.items():
-        arms[name] = _load_checkpoint(stage, data.label_names)
+        arms[name] = load_stage_model(stage, data.label_names)
     arms["oracle"] = train_arm(accelerator, recipe, data, "oracle", targets=oracle_targets)
     arms["plain"] = train_arm(accelerator, recipe, data, "plain", noise=False)
     scores = {}
@@ -150,7 +149,7 @@ def run_arms(recipe, data, held: HeldOut, unlabeled_truth: np.ndarray, *, replic
                                    batch_size=recipe.eval.batch_size, grid=recipe.eval.thresholds)
     pseudo = []
     for it in range(recipe.iterations):
-        kept = dense_kept(_pseudo_targets(recipe, data, out / f"iter{it}"), n_unl, L)
+        kept = dense_kept(pseudo_targets(recipe, data, out / f"iter{it}"), n_unl, L)
         pseudo.append({"from": "teacher" if it == 0 else f"student-{it}", **pseudo_quality(kept, unlabeled_truth)})
     accelerator.end_training()
     return {"arms": scores, "pseudo": pseudo, "taught": [data.label_names[j] for j in taught],
@@ -212,8 +211,6 @@ def summarize(per_seed: dict[int, dict]) -> dict:
 
 def _t_interval(values: np.ndarray) -> list[float] | None:
     """95% t-interval of the mean over seeds (None with fewer than two)."""
-    from scipy import stats
-
     v = np.asarray(values, np.float64)
     v = v[np.isfinite(v)]
     if len(v) < 2:
@@ -224,11 +221,9 @@ def _t_interval(values: np.ndarray) -> list[float] | None:
 
 def plot_arms(summary: dict, path: Path) -> None:
     """One figure: held-out test mean AUC (95% patient interval) of every arm, one marker per seed."""
-    import matplotlib
+    import matplotlib  # lazy: 0.7 s to import (measured), and only the benchmark's last step plots
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from dompre._io import save_figure
 
     seeds = summary["seeds"]
     names = list(summary["per_seed"][seeds[0]]["arms"])

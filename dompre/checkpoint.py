@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -86,6 +87,25 @@ def run_preparation(labeled_store: str | os.PathLike, unlabeled_store: str | os.
                                  or any(labeled.get(k) != unlabeled.get(k) for k in same)):
         out["unlabeled_preparation"] = unlabeled
     return out
+
+
+def model_kwargs(model: nn.Module) -> dict[str, Any]:
+    """The constructor keywords a checkpoint needs to rebuild ``model`` (beside its arch)."""
+    return {"num_classes": int(model.num_classes)}
+
+
+def save_stage_checkpoint(model: nn.Module, stage: str | os.PathLike, *, arch: str, label_names: Sequence[str],
+                          info: Mapping[str, Any]) -> Path:
+    """A finished training stage's ``stage/checkpoint`` folder, written whole (into ``checkpoint.tmp``, then
+    renamed), then the stage's resume state ``stage/state`` removed. Call it on the main process only."""
+    stage = Path(stage)
+    tmp, final = stage / "checkpoint.tmp", stage / "checkpoint"
+    shutil.rmtree(tmp, ignore_errors=True)
+    card = {k: v for k, v in info.items() if k not in _RESERVED}
+    save_checkpoint(model, tmp, arch=arch, label_names=label_names, model_kwargs=model_kwargs(model), info=card)
+    os.replace(tmp, final)
+    shutil.rmtree(stage / "state", ignore_errors=True)
+    return final
 
 
 def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, arch: str,

@@ -9,7 +9,7 @@ Output folder::
     recipe.yaml                      the resolved recipe (each role's effective optim: and loss: in full)
     iter0/ ... iterN/                iteration 0 is the teacher, 1..N the students
       state/step-*/                  accelerate save_state (latest only; removed once the stage is done)
-      checkpoint/                    dompre.export checkpoint (model.safetensors + checkpoint.json)
+      checkpoint/                    dompre.checkpoint folder (model.safetensors + checkpoint.json)
       metrics.json                   LesaNet metrics (val thresholds; test, hand-labeled)
       pseudo/                        this model's pseudo-labels of the unlabeled store (for the next iteration)
     metrics.csv  metrics.md  metrics.png   one row per iteration
@@ -23,18 +23,31 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # run as a file: import the package, not the script's folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import argparse
 import dataclasses
 import json
 import logging
-import os
-import shutil
 from typing import Sequence
 
 import numpy as np
+import yaml
+from accelerate.utils import set_seed
 
+from dompre.checkpoint import (load_checkpoint, read_checkpoint_meta, record_metrics, run_preparation,
+                               save_stage_checkpoint)
+from dompre.data.deeplesion import load_hand_labeled, load_ontology
+from dompre.data.store import SliceStore
 from dompre.errors import REPORTED, UnknownName, UserError
+from dompre.pseudo_pretrain import run_pseudo_pretrain
 from dompre.recipes import load_recipe, recipe_to_dict, save_recipe
 from dompre.train.config import PretrainRecipe, check_recipe
+from dompre.train.engine import InputPrep, Position
+from dompre.train.engine import make_accelerator as engine_accelerator
+from dompre.train.evaluate import EvalSets, evaluate_model, write_json, write_report_tables
+from dompre.train.losses import WeightedFocalLoss, label_weights
+from dompre.train.pseudo_label import PseudoLabels, exclusive_matrix, label_store
+from dompre.train.student import build_loaders, noise_transform, pseudo_rows
+from dompre.train.teacher import create_model, train_stage
 
 logger = logging.getLogger("dompre.noisy_student")
 
@@ -48,21 +61,18 @@ these roles: change the role's own keys."""
 @dataclasses.dataclass
 class RunData:
     """Everything a run reads from the stores, label files and ontology."""
-    labeled: object
-    unlabeled: object
+    labeled: SliceStore
+    unlabeled: SliceStore
     label_names: list[str]
     labels: np.ndarray  # (N_labeled, L) over label_names, NaN unknown
     train_rows: np.ndarray
-    eval_sets: object
+    eval_sets: EvalSets
     exclusive: np.ndarray | None
     parents: list[list[int]] | None
 
 
 def load_run_data(recipe: PretrainRecipe) -> RunData:
     """Open the stores, pick the label columns and split the labeled rows; clear errors for unusable input."""
-    from dompre.data.store import SliceStore
-    from dompre.train.evaluate import EvalSets
-    from dompre.train.pseudo_label import exclusive_matrix
 
     d = recipe.data
     for key, path in (("data.labeled_store", d.labeled_store), ("data.unlabeled_store", d.unlabeled_store)):
@@ -77,7 +87,6 @@ def load_run_data(recipe: PretrainRecipe) -> RunData:
         raise UserError(f"data.unlabeled_store: {d.unlabeled_store} is empty; ingest DICOM series into it first")
     ontology = None
     if d.ontology:
-        from dompre.data.deeplesion import load_ontology
         ontology = load_ontology(d.ontology)
     store_names = list(labeled.label_names)
     if d.labels:
@@ -104,7 +113,6 @@ def load_run_data(recipe: PretrainRecipe) -> RunData:
             "test": np.flatnonzero((split == d.test_split) & known)}
     set_labels = {k: labels[v] for k, v in rows.items()}
     if d.hand_labeled:
-        from dompre.data.deeplesion import load_hand_labeled
         hand = load_hand_labeled(d.hand_labeled, names)
         # rows of lesions outside the training split only, so the hand-labeled score never sees training inputs
         where = {int(v): i for i, v in enumerate(meta["lesion_idx"].to_numpy())
@@ -124,8 +132,7 @@ def _checkpoint_dir(stage: Path) -> Path:
     return stage / "checkpoint"
 
 
-def _load_checkpoint(stage: Path, label_names: list[str]):
-    from dompre.checkpoint import load_checkpoint
+def load_stage_model(stage: Path, label_names: list[str]):
     model, info = load_checkpoint(_checkpoint_dir(stage))
     have = list(info.get("label_names") or [])
     if have != list(label_names):
@@ -135,15 +142,8 @@ def _load_checkpoint(stage: Path, label_names: list[str]):
 
 
 def _save_checkpoint(accelerator, model, stage: Path, arch: str, label_names: list[str], info: dict) -> None:
-    from dompre.checkpoint import save_checkpoint
-    from dompre.train.teacher import model_kwargs
     if accelerator.is_main_process:
-        tmp = stage / "checkpoint.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        card = {k: v for k, v in info.items() if k not in ("arch", "label_names", "num_classes", "model_kwargs")}
-        save_checkpoint(model, tmp, arch=arch, label_names=label_names, model_kwargs=model_kwargs(model), info=card)
-        os.replace(tmp, _checkpoint_dir(stage))
-        shutil.rmtree(stage / "state", ignore_errors=True)
+        save_stage_checkpoint(model, stage, arch=arch, label_names=label_names, info=info)
     accelerator.wait_for_everyone()
 
 
@@ -153,12 +153,6 @@ def _train_iteration(accelerator, recipe: PretrainRecipe, data: RunData, it: int
 
     ``targets`` = (rows, targets, weights, summary) of the unlabeled store replaces the previous iteration's
     pseudo-labels (the benchmark's oracle arm trains on the truth this way)."""
-    from accelerate.utils import set_seed
-
-    from dompre.train.engine import InputPrep
-    from dompre.train.losses import WeightedFocalLoss, label_weights
-    from dompre.train.student import build_loaders, noise_transform
-    from dompre.train.teacher import create_model, train_stage
 
     r, L = recipe, len(data.label_names)
     role = "teacher" if it == 0 else "student"
@@ -183,7 +177,7 @@ def _train_iteration(accelerator, recipe: PretrainRecipe, data: RunData, it: int
         if r.student.init == "teacher" and teacher_model is not None:
             model.load_state_dict(teacher_model.state_dict())
         if targets is None:
-            targets = _pseudo_targets(recipe, data, stage.parent / f"iter{it - 1}")
+            targets = pseudo_targets(recipe, data, stage.parent / f"iter{it - 1}")
         rows, targets, weights, summary = targets
         info["pseudo"] = {k: v for k, v in summary.items() if k != "per_label"}
         common["labeled_batch"] = r.student.labeled_batch
@@ -200,10 +194,8 @@ def _train_iteration(accelerator, recipe: PretrainRecipe, data: RunData, it: int
     return model, arch, info
 
 
-def _pseudo_targets(recipe: PretrainRecipe, data: RunData, prev: Path) -> tuple:
+def pseudo_targets(recipe: PretrainRecipe, data: RunData, prev: Path) -> tuple:
     """(rows, targets, weights, summary) from the pseudo-labels the model of stage ``prev`` made."""
-    from dompre.train.pseudo_label import PseudoLabels
-    from dompre.train.student import pseudo_rows
 
     pseudo = PseudoLabels(prev / "pseudo")
     if pseudo.label_names != data.label_names:
@@ -219,7 +211,6 @@ def _check_same_run(recipe: PretrainRecipe, out: Path) -> None:
 
     Compared as :meth:`~dompre.train.config.PretrainRecipe.resolved` (each role's effective settings), the form
     the run folder keeps."""
-    import yaml
     saved = out / "recipe.yaml"
     if not saved.is_file():
         return
@@ -236,7 +227,6 @@ def _check_same_run(recipe: PretrainRecipe, out: Path) -> None:
 
 def make_accelerator(recipe: PretrainRecipe, out: Path):
     """The run's one Accelerator (:func:`dompre.train.engine.make_accelerator`) with TensorBoard + CSV logs."""
-    from dompre.train.engine import make_accelerator as engine_accelerator
     return engine_accelerator(out, mixed_precision=recipe.train.mixed_precision,
                               torch_threads=recipe.train.torch_threads)
 
@@ -250,22 +240,20 @@ def train_arm(accelerator, recipe: PretrainRecipe, data: RunData, name: str, *, 
     trains on the truth); ``noise=False`` trains without input noise, dropout and drop path (plain
     self-training, the ablation). Returns the model in eval mode.
     """
-    from dompre.checkpoint import run_preparation
-    from dompre.train.engine import Position
 
     out = Path(recipe.output_dir)
     stage = out / f"arm-{name}"
     stage.mkdir(parents=True, exist_ok=True)
     if (_checkpoint_dir(stage) / "checkpoint.json").is_file():
-        return _load_checkpoint(stage, data.label_names)
+        return load_stage_model(stage, data.label_names)
     if not noise:
         quiet = dataclasses.replace(recipe.student, rotate_degrees=0.0, grayscale_p=0.0, autocontrast_p=0.0,
                                     crop_scale=(1.0, 1.0))
         recipe = dataclasses.replace(recipe, student=quiet,
                                      model=dataclasses.replace(recipe.model, drop_rate=0.0, drop_path_rate=0.0))
     if targets is None:
-        targets = _pseudo_targets(recipe, data, out / "iter0")
-    teacher = _load_checkpoint(out / "iter0", data.label_names)
+        targets = pseudo_targets(recipe, data, out / "iter0")
+    teacher = load_stage_model(out / "iter0", data.label_names)
     model, arch, info = _train_iteration(accelerator, recipe, data, 1, stage, Position(), teacher, targets)
     info.update(arch=arch, role=f"arm {name}", noise=noise, input_size=[3, recipe.model.img_size, recipe.model.img_size],
                 **run_preparation(recipe.data.labeled_store, recipe.data.unlabeled_store))
@@ -278,10 +266,6 @@ def run(recipe: PretrainRecipe, accelerator=None, data: RunData | None = None) -
 
     ``accelerator``: reuse one (the benchmark trains its arms with it); by default the run makes its own.
     ``data``: the recipe's :func:`load_run_data`, when the caller already has it."""
-    from dompre.checkpoint import read_checkpoint_meta, record_metrics, run_preparation
-    from dompre.train.engine import InputPrep, Position
-    from dompre.train.evaluate import evaluate_model, write_json, write_report_tables
-    from dompre.train.pseudo_label import label_store
 
     check_recipe(recipe)
     out = Path(recipe.output_dir)
@@ -302,7 +286,7 @@ def run(recipe: PretrainRecipe, accelerator=None, data: RunData | None = None) -
         stage.mkdir(parents=True, exist_ok=True)
         info_path = stage / "info.json"
         if (_checkpoint_dir(stage) / "checkpoint.json").is_file():
-            model = _load_checkpoint(stage, data.label_names)
+            model = load_stage_model(stage, data.label_names)
             info = json.loads(info_path.read_text()) if info_path.is_file() else {"iteration": it}
         else:
             model, arch, info = _train_iteration(accelerator, recipe, data, it, stage, position, model)
@@ -339,7 +323,6 @@ def run(recipe: PretrainRecipe, accelerator=None, data: RunData | None = None) -
                         fail_after_chunks=fail, progress=recipe.train.progress)
     extra = {}
     if recipe.pseudo_pretrain.enabled:  # Virk & Bathula Table 3: a model trained on the final pseudo-labels only
-        from dompre.pseudo_pretrain import run_pseudo_pretrain
         extra["pseudo_pretrain"] = run_pseudo_pretrain(accelerator, recipe, data, out, model, position)
     paths = {}
     if accelerator.is_main_process:
@@ -359,7 +342,6 @@ def run_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``accelerate launch dompre/noisy_student.py RECIPE [key=value ...]``."""
-    import argparse
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/tcia.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. output_dir=runs/x")

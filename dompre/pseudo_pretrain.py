@@ -20,11 +20,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
+from accelerate.utils import set_seed
+
+from dompre.checkpoint import load_checkpoint, save_stage_checkpoint
+from dompre.export import export_timm
+from dompre.train.engine import InputPrep
+from dompre.train.evaluate import evaluate_model, write_json
+from dompre.train.losses import WeightedFocalLoss, label_weights
+from dompre.train.pseudo_label import PseudoLabels, label_store
+from dompre.train.student import build_loaders, noise_transform, pseudo_rows
+from dompre.train.teacher import create_model, train_stage
 
 logger = logging.getLogger("dompre.pseudo_pretrain")
 
@@ -43,15 +51,6 @@ def run_pseudo_pretrain(accelerator, recipe, data, out: Path, final_model, posit
     Returns:
         ``{"stage", "export", "arch", "metrics", "pseudo"}``.
     """
-    from dompre.checkpoint import load_checkpoint, save_checkpoint
-    from dompre.export import export_timm
-    from dompre.train.engine import InputPrep
-    from dompre.train.evaluate import evaluate_model, write_json
-    from dompre.train.losses import WeightedFocalLoss, label_weights
-    from dompre.train.pseudo_label import PseudoLabels, label_store
-    from dompre.train.student import build_loaders, noise_transform, pseudo_rows
-    from dompre.train.teacher import create_model, model_kwargs, train_stage
-
     r, cfg = recipe, recipe.pseudo_pretrain
     final = out / f"iter{r.iterations}"
     stage, ckpt = out / "pseudo_pretrain", out / "pseudo_pretrain" / "checkpoint"
@@ -67,7 +66,6 @@ def run_pseudo_pretrain(accelerator, recipe, data, out: Path, final_model, posit
     if (ckpt / "checkpoint.json").is_file():
         model, _ = load_checkpoint(ckpt)
     else:
-        from accelerate.utils import set_seed
         set_seed(r.seed + 1000 * (r.iterations + 1))
         model = create_model(cfg.arch, len(data.label_names), drop_rate=cfg.drop_rate, pretrained=cfg.pretrained)
         transform = noise_transform(r.student, r.model.img_size) if cfg.noise else None
@@ -83,15 +81,10 @@ def run_pseudo_pretrain(accelerator, recipe, data, out: Path, final_model, posit
                             warmup_epochs=optim.warmup_epochs, state_dir=stage / "state",
                             position=position, stage="pseudo_pretrain", train_cfg=r.train)
         if accelerator.is_main_process:
-            tmp = stage / "checkpoint.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
             info = {"role": "pseudo-label pretraining", "pseudo": {k: v for k, v in summary.items() if k != "per_label"},
                     "input_size": [3, r.model.img_size, r.model.img_size],
                     "data": f"pseudo-labels of {r.data.unlabeled_store} by iter{r.iterations} only"}
-            save_checkpoint(model, tmp, arch=cfg.arch, label_names=data.label_names, model_kwargs=model_kwargs(model),
-                            info=info)
-            os.replace(tmp, ckpt)
-            shutil.rmtree(stage / "state", ignore_errors=True)
+            save_stage_checkpoint(model, stage, arch=cfg.arch, label_names=data.label_names, info=info)
         accelerator.wait_for_everyone()
     model = model.to(accelerator.device).eval()
     prep = InputPrep.for_model(model, r.model.img_size, r.train.channels_last)

@@ -29,6 +29,7 @@ import numpy as np
 import pydicom
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
+from pydicom.filereader import _read_file_meta_info, read_partial, read_preamble
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dompre.errors import UserError
@@ -258,7 +259,6 @@ class _Stop:
 
 def _pydicom_header(f: SizedFile) -> FileHeader:
     """pydicom's reading of the header (through ``f``, whose reads never exceed the file)."""
-    from pydicom.filereader import _read_file_meta_info, read_partial, read_preamble
     head = f.read(132)
     groups = (int.from_bytes(head[:2], "little"), int.from_bytes(head[:2], "big"))
     if head[128:132] != b"DICM" and not any(g and g % 2 == 0 and g <= 0x7FE0 for g in groups):

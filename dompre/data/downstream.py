@@ -28,11 +28,16 @@ import re
 from pathlib import Path
 from typing import Callable
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from sklearn.model_selection import GroupKFold, GroupShuffleSplit, StratifiedGroupKFold, train_test_split
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
+from dompre.data import deeplesion as dl
 from dompre.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -259,7 +264,6 @@ class DeepLesion(DownstreamDataset):
                  terms: list[str] | None = None, context: float = 60.0, slice_gap_mm: float = 2.0,
                  return_box: bool = True) -> None:
         super().__init__(root, image_size=image_size, channels=channels, transform=transform)
-        from dompre.data import deeplesion as dl
         self._dl, self.context, self.slice_gap_mm, self.return_box = dl, context, slice_gap_mm, return_box
         info = dl.read_dl_info(self.root / "DL_info.csv")
         if target == "type":
@@ -365,7 +369,6 @@ class Clahe:
         self.clip_limit, self.tiles, self.color = clip_limit, tiles, color
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        import cv2
         clahe = cv2.createCLAHE(clipLimit=self.clip_limit, tileGridSize=(self.tiles, self.tiles))
         arr = image.numpy()
         if self.color and arr.shape[0] == 3:
@@ -387,14 +390,12 @@ class BoxAugment:
     takes_box = True
 
     def __init__(self, translate: float = 0.1, scale: tuple[float, float] = (0.8, 1.2), flip: bool = True) -> None:
-        from torchvision.transforms import v2
         ops = [v2.RandomAffine(degrees=0, translate=(translate, translate), scale=scale)]
         if flip:
             ops += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
         self.transform = v2.Compose(ops + [v2.ClampBoundingBoxes()])
 
     def __call__(self, image: torch.Tensor, box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from torchvision import tv_tensors
         boxes = tv_tensors.BoundingBoxes(box.reshape(1, 4).float(), format="XYXY", canvas_size=image.shape[-2:])
         image, boxes = self.transform(tv_tensors.Image(image), boxes)
         return image.as_subclass(torch.Tensor), boxes.as_subclass(torch.Tensor).reshape(4)
@@ -412,7 +413,6 @@ def _floats(cell) -> list[float]:
 def _split_off(idx: np.ndarray, fraction: float, y: np.ndarray | None, groups: np.ndarray,
                seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split ``idx`` into (rest, part) with ``fraction`` in part, stratified by ``y`` and grouped by ``groups``."""
-    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, train_test_split
     if fraction <= 0 or len(idx) < 2:
         return idx, idx[:0]
     g = groups[idx]
@@ -451,7 +451,6 @@ def make_splits(ds: DownstreamDataset, *, val_fraction: float = 0.1, test_fracti
     if folds > 1:
         if not 0 <= fold < folds:
             raise UserError(f"fold={fold} is outside 0..{folds - 1} for folds={folds}")
-        from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
         splitter = (StratifiedGroupKFold(folds, shuffle=True, random_state=seed) if y is not None
                     else GroupKFold(folds))
         rest, test = list(splitter.split(idx, y, groups))[fold]

@@ -8,6 +8,7 @@ file. Bad configuration (missing input, unwritable store, bad option) raises at 
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from dompre.data.dicom import SeriesError, SeriesInfo, group_headers, list_files, read_series, scan_file
@@ -133,7 +135,6 @@ def _exit_with_parent(parent: int) -> None:
     """End this worker when the ingest process dies, even by ``kill -9`` (which runs no cleanup in it):
     Linux sends the worker SIGKILL (PR_SET_PDEATHSIG); elsewhere a thread watches the parent's pid."""
     try:
-        import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
             raise OSError(ctypes.get_errno(), "prctl")
@@ -147,9 +148,9 @@ def _exit_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _worker_init(parent: int) -> None:
+def worker_init(parent: int) -> None:
+    """Initializer of ingest pool workers: end with the parent (:func:`_exit_with_parent`), one torch thread."""
     _exit_with_parent(parent)
-    import torch
     torch.set_num_threads(1)
 
 
@@ -229,7 +230,7 @@ def ingest_dicom(input_dir: str | Path, store_dir: str | Path, *, workers: int =
     _check_store_dir(store_dir)
     info = {"source": "dicom", "prep": dataclasses.asdict(recipe.prep)}
     root = str(input_dir)
-    pool = ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(os.getpid(),)) if workers > 1 else None
+    pool = ProcessPoolExecutor(workers, initializer=worker_init, initargs=(os.getpid(),)) if workers > 1 else None
     try:
         series, bad = _scan(files, pool, workers, progress)
         with StoreWriter(store_dir, image_size=recipe.prep.size, shard_size=recipe.shard_size, info=info) as w:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from dompre.data.deeplesion import (LesionInputConfig, build_lesion_input, load_lesanet_labels, load_ontology,
                                     read_dl_info)
+from dompre.data.ingest import worker_init
 from dompre.data.prep import PrepConfig
 from dompre.data.store import StoreWriter, write_report
 from dompre.errors import UserError
@@ -76,11 +77,6 @@ def process_lesion(task: dict) -> dict[str, Any]:
         return res
     res.update(status="ok", image=item.image, meta=item.meta, labels=item.labels)
     return res
-
-
-def _worker_init() -> None:
-    import torch
-    torch.set_num_threads(1)
 
 
 def _label_columns(labels, ontology_path: str | Path | None, classes: str | None) -> list[str]:
@@ -161,7 +157,7 @@ def ingest_deeplesion(root: str | Path, store_dir: str | Path, *, labels: str | 
     if not os.access(store_dir, os.W_OK):
         raise PermissionError(f"store folder {store_dir} is not writable; choose a writable STORE_DIR")
     desc = {"source": "deeplesion", "classes": classes, **dataclasses.asdict(recipe)}
-    pool = ProcessPoolExecutor(workers, initializer=_worker_init) if workers > 1 else None
+    pool = ProcessPoolExecutor(workers, initializer=worker_init, initargs=(os.getpid(),)) if workers > 1 else None
     try:
         with StoreWriter(store_dir, image_size=recipe.prep.size, label_names=names,
                          shard_size=recipe.shard_size, info=desc) as w:

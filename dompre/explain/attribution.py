@@ -17,12 +17,14 @@ from timm.data import resolve_model_data_config
 from torch import nn
 
 from dompre.errors import UnknownName, UserError
+from dompre.train.engine import InputPrep
 
 Activation = Literal["sigmoid", "softmax"]
 
 
 class PixelModel(nn.Module):
-    """A classifier that takes ``(B, C, H, W)`` images in [0, 1] and applies ``(x - mean) / std`` itself.
+    """A classifier that takes ``(B, C, H, W)`` images in [0, 1] and applies ``(x - mean) / std`` itself (the
+    one input preparation, :class:`~dompre.train.engine.InputPrep`, on [0, 1] pixels).
 
     Args:
         net: the classifier; it returns logits ``(B, L)``.
@@ -38,11 +40,10 @@ class PixelModel(nn.Module):
             raise UserError(f"activation {activation!r} is not supported; use 'sigmoid' or 'softmax'")
         self.net = net
         self.activation = activation
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.prep = InputPrep(None, mean, std, scale=1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
+        return self.net(self.prep(x))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Label confidences from logits: sigmoid (multi-label) or softmax (single-label)."""

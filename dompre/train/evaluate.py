@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 
 from dompre._io import save_figure, write_atomic
 from dompre.train.engine import InputPrep, predict
@@ -83,8 +84,6 @@ def _fmt(v) -> str:
 
 def write_report_tables(out_dir: Path, results: list[dict]) -> dict[str, Path]:
     """``metrics.csv``, ``metrics.md`` (Table-2 style) and ``metrics.png`` in ``out_dir``."""
-    import pandas as pd
-
     rows = iteration_table(results)
     df = pd.DataFrame(rows)
     df = df.loc[:, [c for c in df.columns if df[c].notna().any()]]

@@ -21,7 +21,6 @@ logger = logging.getLogger(__name__)
 def create_model(arch: str, num_classes: int, *, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  pretrained: bool = False) -> torch.nn.Module:
     """``timm.create_model`` with the label count; drop path only where the architecture takes it."""
-    import dompre  # noqa: F401  (registers MAKNet with timm)
     if arch not in timm.list_models() and not timm.is_model(arch):
         raise UserError(f"model.name {arch!r} is not a timm architecture; try 'maknet_tiny', 'maknet', 'resnet18'")
     kwargs = {"num_classes": num_classes, "drop_rate": drop_rate}
@@ -32,11 +31,6 @@ def create_model(arch: str, num_classes: int, *, drop_rate: float = 0.0, drop_pa
     except TypeError:  # architectures without drop_path_rate (e.g. vgg)
         kwargs.pop("drop_path_rate", None)
         return timm.create_model(arch, pretrained=pretrained, **kwargs)
-
-
-def model_kwargs(model: torch.nn.Module) -> dict:
-    """The constructor keywords a checkpoint needs to rebuild ``model``."""
-    return {"num_classes": int(model.num_classes)}
 
 
 def train_stage(accelerator, *, model: torch.nn.Module, loss_fn: torch.nn.Module, prep, data: StudentData,
