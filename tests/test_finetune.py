@@ -171,15 +171,3 @@ def test_cli_finetune_and_bad_option(kvasir, tmp_path, capsys):
     assert "test mcc" in capsys.readouterr().out
     assert main(args + ["train.freeze=150"]) == 2
     assert "train.freeze=150" in capsys.readouterr().err
-
-
-def test_synthetic_downstream_random_vs_domain(tmp_path):
-    from timm.models import save_for_hf
-
-    from dompre.train.study import run_synthetic_downstream
-    make_deeplesion(tmp_path / "cohort" / "deeplesion", n=12)
-    save_for_hf(timm.create_model("test_resnet", num_classes=3), tmp_path / "export", safe_serialization=True)
-    res = run_synthetic_downstream(tmp_path / "cohort", tmp_path / "export", tmp_path / "demo", epochs=1, seeds=1,
-                                   image_size=32, overrides=("train.max_steps_per_epoch=1",))
-    assert res["arch"] == "test_resnet" and {r["init"] for r in res["runs"]} == {"random", "domain"}
-    assert sum(res["n"].values()) == 12 and (tmp_path / "demo" / "summary.md").is_file()
