@@ -4,7 +4,7 @@
 ``dicom/`` (TCIA-like series with scanner quirks, :mod:`dompre.synth.dicom`), ``deeplesion/`` (the labeled share
 as DeepLesion PNGs with ``DL_info.csv``, LesaNet's text-mined labels and ontology), ``truth/`` (every slice's
 body-part labels and every lesion box), ``cohort.json`` and optionally ``preview.png``. Every file is written
-atomically (:mod:`dompre._io`).
+atomically (:mod:`dompre._io`; the slice files without an fsync each, the tables and ``cohort.json`` with one).
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def _splits(labeled: list[int], rng: np.random.Generator) -> dict[int, int]:
 def _write_png(path: Path, hu: np.ndarray) -> None:
     """A DeepLesion slice: 16-bit PNG of HU + 32768."""
     arr = np.clip(np.rint(hu) + 32768, 0, 65535).astype(np.uint16)
-    with atomic_open(path) as f:
+    with atomic_open(path, fsync=False) as f:  # one of thousands of regenerable slices: see dompre._io
         Image.fromarray(arr).save(f, format="PNG", compress_level=1)
 
 

@@ -5,7 +5,7 @@ file; ``write_scout`` a coronal localizer beside it. Compression uses pydicom 3'
 always works (pure Python/numpy); JPEG 2000 Lossless needs ``pylibjpeg-openjpeg`` (installed with dompre);
 JPEG-LS would need ``pyjpegls`` (not a dompre dependency) and JPEG Lossless (process 14) has no pydicom encoder at
 all, so those two raise a ValueError naming the missing encoder. Every file is written atomically
-(:func:`dompre._io.atomic_open`).
+(:func:`dompre._io.atomic_open`, without an fsync each: the files are many and regenerable).
 
 Geometry: ``hu[k]`` is the slice at ImagePositionPatient ``origin + (0, 0, k * spacing[0])`` with
 ImageOrientationPatient ``1\\0\\0\\0\\1\\0`` (axial, LPS: columns run to the patient's left, rows to posterior),
@@ -144,7 +144,7 @@ def _save(ds: FileDataset, path: Path, transfer_syntax: UID | None) -> None:
                 f"cannot encode {path.name} with transfer syntax {transfer_syntax} ({transfer_syntax.name}): "
                 f"{e}; use pydicom.uid.RLELossless (always available) or JPEG2000Lossless "
                 "(needs pylibjpeg-openjpeg)") from e
-    with atomic_open(path) as f:
+    with atomic_open(path, fsync=False) as f:  # one of thousands of regenerable slices: see dompre._io
         ds.save_as(f, enforce_file_format=True)
 
 
