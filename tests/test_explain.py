@@ -246,7 +246,7 @@ def test_cli_explain_end_to_end_on_checkpoint(tmp_path, capsys):
 
 def test_parse_inputs_dicom_slice_matches_ingest_preparation(tmp_path):
     from dompre.data import prep
-    from dompre.data.synthetic import write_dicom_series
+    from dompre.synth.dicom import write_dicom_series
 
     yy, xx = np.mgrid[:40, :48]
     body = ((yy - 20) / 15) ** 2 + ((xx - 24) / 18) ** 2 < 1
