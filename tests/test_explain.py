@@ -268,7 +268,7 @@ def test_explained_dicom_input_is_the_ingested_store_item(tmp_path):
     from dompre.data.ingest import IngestRecipe, ingest_dicom
     from dompre.data.prep import PrepConfig
     from dompre.data.store import SliceStore
-    from dompre.data.synthetic import write_dicom_series
+    from dompre.synth.dicom import write_dicom_series
     from dompre.export import export_timm
 
     yy, xx = np.mgrid[:40, :48]
