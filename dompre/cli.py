@@ -43,7 +43,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 def _run_synth(args: argparse.Namespace) -> int:
     import time
 
-    from dompre.data.synthetic import generate_cohort
+    from dompre.synth.cohort import generate_cohort
 
     t0 = time.perf_counter()
     meta = generate_cohort(args.out_dir, patients=args.patients, seed=args.seed, layout=args.layout,

@@ -17,7 +17,20 @@ from typing import Sequence
 
 import numpy as np
 
+from dompre._io import write_atomic
 from dompre.benchmark import heldout_sets, plot_arms, run_arms, source_stats, store_truth, summarize
+from dompre.data.ingest import ingest_dicom, load_ingest_recipe
+from dompre.data.ingest_deeplesion import ingest_deeplesion, load_deeplesion_recipe
+from dompre.data.store import SliceStore
+from dompre.checkpoint import read_checkpoint_meta, record_metrics
+from dompre.export import export_timm
+from dompre.noisy_student import load_run_data
+from dompre.recipes import load_recipe
+from dompre.report import demo_markdown
+from dompre.synth.cohort import generate_cohort
+from dompre.train.config import PretrainRecipe
+from dompre.train.finetune import load_finetune_recipe
+from dompre.train.study import run_study
 
 logger = logging.getLogger(__name__)
 
@@ -62,17 +75,6 @@ def run_demo(out: str | Path, *, patients: int = 48, seed: int = 0, labeled_frac
             :data:`COHORT_DEFAULTS`; the held-out cohort shares ``matrix`` and ``max_slices``).
         replicates: patient-bootstrap replicates for the intervals.
     """
-    from dompre.data.ingest import ingest_dicom, load_ingest_recipe
-    from dompre.data.ingest_deeplesion import ingest_deeplesion, load_deeplesion_recipe
-    from dompre.data.store import SliceStore
-    from dompre.data.synthetic import generate_cohort
-    from dompre.checkpoint import read_checkpoint_meta, record_metrics
-    from dompre.export import export_timm
-    from dompre.noisy_student import load_run_data
-    from dompre.recipes import load_recipe
-    from dompre.train.config import PretrainRecipe
-    from dompre.train.study import run_synthetic_downstream
-
     out = Path(out).resolve()
     cohort, held_dir, stores, report = out / "cohort", out / "heldout_cohort", out / "stores", out / "report"
     dl = cohort / "deeplesion"
@@ -153,12 +155,42 @@ def run_demo(out: str | Path, *, patients: int = 48, seed: int = 0, labeled_frac
                        "summary": downstream["summary"], "comparisons": downstream["comparisons"],
                        "markdown": downstream["markdown"], "out_dir": str(downstream["out_dir"])}}
     result["verdict"] = verdict(summary)
-    from dompre._io import write_atomic
-    from dompre.report import demo_markdown
     write_atomic(report / "README.md", demo_markdown(result, (Path(first["output_dir"]) / "metrics.md").read_text(),
                                                      rec))
     write_atomic(report / "summary.json", json.dumps(result, indent=1))
     return result
+
+
+def run_synthetic_downstream(cohort_dir: str | Path, domain_export_dir: str | Path, out_dir: str | Path, *,
+                             epochs: int = 3, seeds: int = 2, image_size: int = 64, freezes=(0.0,),
+                             overrides: tuple[str, ...] = ()) -> dict:
+    """The demo's last step: lesion type (``Coarse_lesion_type``) of the synthetic cohort's DeepLesion layout,
+    fine-tuned from random versus domain initialisation (the same architecture as the export).
+
+    Args:
+        cohort_dir: a ``dompre synth`` folder (uses ``COHORT/deeplesion``).
+        domain_export_dir: a dompre export folder (``config.json`` + ``model.safetensors``).
+        out_dir: study folder.
+        epochs, seeds, image_size, freezes: kept small so the demo runs in minutes on a CPU.
+        overrides: further ``key=value`` recipe overrides.
+
+    Returns:
+        :func:`dompre.train.study.run_study`'s dict plus ``arch`` and ``n`` (train/val/test sizes).
+    """
+    root = Path(cohort_dir) / "deeplesion"
+    export = Path(domain_export_dir)
+    if not (root / "DL_info.csv").is_file():
+        raise FileNotFoundError(f"{root / 'DL_info.csv'} not found; run `dompre synth` with the deeplesion layout")
+    if not (export / "config.json").is_file():
+        raise FileNotFoundError(f"{export / 'config.json'} not found; pass a `dompre export` folder")
+    arch = json.loads((export / "config.json").read_text()).get("architecture")
+    recipe = load_finetune_recipe(None, [
+        "data.kind=deeplesion_type", f"data.root={root}", f"data.image_size={image_size}", "data.min_val=1",
+        f"model.arch={arch}", f"model.weights={export}", f"train.epochs={epochs}", "train.batch_size=16",
+        "train.lr=0.001", "train.class_weights=true", "train.augment=false", f"out_dir={out_dir}", *overrides])
+    res = run_study(recipe, inits=("random", "domain"), freezes=tuple(freezes), seeds=seeds, out_dir=out_dir)
+    first = json.loads((Path(res["runs"][0]["run_dir"]) / "metrics.json").read_text())
+    return {**res, "arch": arch, "n": first["n"]}
 
 
 def _split_sizes(store) -> dict:

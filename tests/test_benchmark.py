@@ -7,7 +7,7 @@ import numpy as np
 from dompre.benchmark import heldout_sets, pseudo_quality, store_truth, summarize
 from dompre.data.ingest import ingest_dicom, load_ingest_recipe
 from dompre.data.store import SliceStore
-from dompre.data.synthetic import generate_cohort
+from dompre.synth.cohort import generate_cohort
 from dompre.train.bootstrap import Scored
 
 

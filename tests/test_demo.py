@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
+import timm
+from timm.models import save_for_hf
 
-from dompre.demo import run_demo
+from dompre.demo import run_demo, run_synthetic_downstream
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _downstream_layouts import make_deeplesion  # noqa: E402
 
 
 @pytest.mark.slow
@@ -46,3 +53,12 @@ def test_demo_runs_every_stage_and_the_benchmark_arms(tmp_path):
     assert "| test auc |" in card and "none recorded" not in card and "- Input: 3x32x32;" in card
     chosen = s["benchmark"]["per_seed"]["0"]["arms"][s["chosen"]]
     assert f"{chosen['auc']:.4f}" in card  # the card quotes the held-out test figure of the exported model
+
+
+def test_synthetic_downstream_random_vs_domain(tmp_path):
+    make_deeplesion(tmp_path / "cohort" / "deeplesion", n=12)
+    save_for_hf(timm.create_model("test_resnet", num_classes=3), tmp_path / "export", safe_serialization=True)
+    res = run_synthetic_downstream(tmp_path / "cohort", tmp_path / "export", tmp_path / "demo", epochs=1, seeds=1,
+                                   image_size=32, overrides=("train.max_steps_per_epoch=1",))
+    assert res["arch"] == "test_resnet" and {r["init"] for r in res["runs"]} == {"random", "domain"}
+    assert sum(res["n"].values()) == 12 and (tmp_path / "demo" / "summary.md").is_file()

@@ -10,7 +10,7 @@ import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
 from dompre.data.dicom import SeriesError, _read_native, discover_series, read_series, scan_file, scan_tree
-from dompre.data.synthetic import write_dicom_series, write_scout
+from dompre.synth.dicom import write_dicom_series, write_scout
 
 from _dicom_files import edit_dicom
 

@@ -16,7 +16,7 @@ import pytest
 
 from dompre.data import dicom_header as dh
 from dompre.data.dicom import SeriesError, read_series, scan_file, scan_tree
-from dompre.data.synthetic import write_dicom_series
+from dompre.synth.dicom import write_dicom_series
 
 from _dicom_files import edit_dicom
 

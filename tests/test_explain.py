@@ -246,7 +246,7 @@ def test_cli_explain_end_to_end_on_checkpoint(tmp_path, capsys):
 
 def test_parse_inputs_dicom_slice_matches_ingest_preparation(tmp_path):
     from dompre.data import prep
-    from dompre.data.synthetic import write_dicom_series
+    from dompre.synth.dicom import write_dicom_series
 
     yy, xx = np.mgrid[:40, :48]
     body = ((yy - 20) / 15) ** 2 + ((xx - 24) / 18) ** 2 < 1
@@ -268,7 +268,7 @@ def test_explained_dicom_input_is_the_ingested_store_item(tmp_path):
     from dompre.data.ingest import IngestRecipe, ingest_dicom
     from dompre.data.prep import PrepConfig
     from dompre.data.store import SliceStore
-    from dompre.data.synthetic import write_dicom_series
+    from dompre.synth.dicom import write_dicom_series
     from dompre.export import export_timm
 
     yy, xx = np.mgrid[:40, :48]

@@ -106,7 +106,7 @@ def test_save_checkpoint_rejects_bad_arguments(tmp_path):
 def ct_store(tmp_path_factory):
     """A real `dompre ingest dicom` store of one synthetic patient, prepared with a soft-tissue window."""
     from dompre.data.ingest import ingest_dicom, load_ingest_recipe
-    from dompre.data.synthetic import generate_cohort
+    from dompre.synth.cohort import generate_cohort
 
     root = tmp_path_factory.mktemp("ct")
     generate_cohort(root / "cohort", patients=1, seed=0, layout="dicom", matrix=64, max_slices=60, quirk_rate=0)

@@ -177,18 +177,6 @@ def test_cli_finetune_and_bad_option(kvasir, tmp_path, capsys):
     assert "train.freeze=150" in capsys.readouterr().err
 
 
-def test_synthetic_downstream_random_vs_domain(tmp_path):
-    from timm.models import save_for_hf
-
-    from dompre.train.study import run_synthetic_downstream
-    make_deeplesion(tmp_path / "cohort" / "deeplesion", n=12)
-    save_for_hf(timm.create_model("test_resnet", num_classes=3), tmp_path / "export", safe_serialization=True)
-    res = run_synthetic_downstream(tmp_path / "cohort", tmp_path / "export", tmp_path / "demo", epochs=1, seeds=1,
-                                   image_size=32, overrides=("train.max_steps_per_epoch=1",))
-    assert res["arch"] == "test_resnet" and {r["init"] for r in res["runs"]} == {"random", "domain"}
-    assert sum(res["n"].values()) == 12 and (tmp_path / "demo" / "summary.md").is_file()
-
-
 def _finetune_cmd(root: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "dompre", "finetune", str(RECIPES / "kvasir.yaml"), f"data.root={root}",
             f"out_dir={out}", "model.arch=resnet18", "model.init=random", "data.image_size=64", "train.epochs=3",

@@ -20,7 +20,7 @@ from dompre.data import ingest as ingest_mod
 from dompre.data.ingest import IngestRecipe, ingest_dicom
 from dompre.data.prep import PrepConfig
 from dompre.data.store import SliceStore
-from dompre.data.synthetic import write_dicom_series
+from dompre.synth.dicom import write_dicom_series
 
 from _dicom_files import edit_dicom
 

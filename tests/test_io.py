@@ -1,4 +1,6 @@
 """Atomic writes: the file appears whole or not at all, and a failed write raises."""
+import os
+
 import pytest
 
 from dompre._io import write_atomic
@@ -41,3 +43,26 @@ def test_atomic_open_failure_and_abort_leave_the_old_file(tmp_path):
     held.abort()
     assert (tmp_path / "x.bin").read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_written_files_get_the_permissions_open_gives(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "a.json", "{}")
+        with open(tmp_path / "plain.json", "w") as f:
+            f.write("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "plain.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_fsync_can_be_skipped_for_cheap_files(tmp_path, monkeypatch):
+    from dompre._io import atomic_open
+    synced = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    with atomic_open(tmp_path / "slice.dcm", fsync=False) as f:
+        f.write(b"x")
+    assert synced == [] and (tmp_path / "slice.dcm").read_bytes() == b"x"
+    with atomic_open(tmp_path / "cohort.json") as f:
+        f.write(b"{}")
+    assert len(synced) == 1

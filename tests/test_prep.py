@@ -134,8 +134,9 @@ def test_one_volume_as_dicom_and_as_deeplesion_gives_identical_inputs(tmp_path):
     at the same z (every lesion key slice of the DeepLesion copy against the DICOM stack centred on it)."""
     from dompre.data.deeplesion import LesionInputConfig, build_lesion_input, read_dl_info
     from dompre.data.dicom import read_series
-    from dompre.data.phantom import make_phantom, sample_patient
-    from dompre.data.synthetic import generate_cohort, write_dicom_series
+    from dompre.synth.phantom import make_phantom, sample_patient
+    from dompre.synth.cohort import generate_cohort
+    from dompre.synth.dicom import write_dicom_series
 
     kw = dict(matrix=48, max_slices=40)
     generate_cohort(tmp_path / "dl", patients=1, seed=2, layout="deeplesion", lesions_per_patient=(4, 4),

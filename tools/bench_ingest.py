@@ -1,6 +1,6 @@
 """Benchmark DICOM ingest against baselines measured in the same run; prints slices/s and ratios.
 
-Paths, all on the same synthetic 512x512 CT cohort (real DICOM files written by dompre.data.synthetic):
+Paths, all on the same synthetic 512x512 CT cohort (real DICOM files written by dompre.synth.dicom):
   floor    pydicom.dcmread + pixel_array per file, nothing else (no pipeline built on pydicom's decoder beats
            it); also run in 2 processes over halves of the files, which gives this machine's own 2-process
            scaling for the same work (on a shared VM it is well under 2)
@@ -63,10 +63,10 @@ def phantom(z: int, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def build(root: Path, series: int, slices: int, size: int) -> list[Path]:
-    """One series written by dompre.data.synthetic, copied with new series UIDs (writing is the slow part)."""
+    """One series written by dompre.synth.dicom, copied with new series UIDs (writing is the slow part)."""
     import pydicom
     from pydicom.uid import generate_uid
-    from dompre.data.synthetic import write_dicom_series
+    from dompre.synth.dicom import write_dicom_series
     rng = np.random.default_rng(0)
     first = write_dicom_series(root / "a" / "s00", phantom(slices, size, rng), spacing=(2.5, 0.7, 0.7),
                                patient_id="B000", rng=rng, shuffle_instance=True)

@@ -1,7 +1,7 @@
 """Bounded mutation fuzzer of dompre's DICOM scan and read over real files.
 
 Seeds: the DICOM files pydicom ships (``pydicom/data/test_files``, real scanner output among them), those of
-the pylibjpeg test-data packages when installed, and small CT series written by ``dompre.data.synthetic``
+the pylibjpeg test-data packages when installed, and small CT series written by ``dompre.synth.dicom``
 (signed, unsigned, RLE, enhanced multi-frame). Each case applies one mutation to one file: truncation, bit
 flips, an element's length, an element's VR, a semantic value (Rows, Columns, BitsAllocated, BitsStored,
 NumberOfFrames, PixelRepresentation, SamplesPerPixel, RescaleSlope/Intercept, ImagePositionPatient,
@@ -61,7 +61,7 @@ def seed_files(work: Path) -> list[Path]:
     """pydicom's (and pylibjpeg's) shipped DICOM files plus synthetic CT series (one file each)."""
     from pydicom.uid import RLELossless
 
-    from dompre.data.synthetic import write_dicom_series
+    from dompre.synth.dicom import write_dicom_series
     files = sorted((Path(pydicom.__file__).parent / "data" / "test_files").glob("*.dcm"))
     for pkg in ("ljdata", "ojdata", "rledata"):
         try:

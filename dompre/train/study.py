@@ -195,35 +195,3 @@ def run_study(recipe: FinetuneRecipe | str | Path, *, inits=("random", "domain")
             "convergence": conv.to_dict("records"),
             "comparisons": comparisons.to_dict("records"), "metric": metric, "markdown": markdown,
             "out_dir": str(out)}
-
-
-def run_synthetic_downstream(cohort_dir: str | Path, domain_export_dir: str | Path, out_dir: str | Path, *,
-                             epochs: int = 3, seeds: int = 2, image_size: int = 64, freezes=(0.0,),
-                             overrides: tuple[str, ...] = ()) -> dict:
-    """The demo's last step: lesion type (``Coarse_lesion_type``) of the synthetic cohort's DeepLesion layout,
-    fine-tuned from random versus domain initialisation (the same architecture as the export).
-
-    Args:
-        cohort_dir: a ``dompre synth`` folder (uses ``COHORT/deeplesion``).
-        domain_export_dir: a dompre export folder (``config.json`` + ``model.safetensors``).
-        out_dir: study folder.
-        epochs, seeds, image_size, freezes: kept small so the demo runs in minutes on a CPU.
-        overrides: further ``key=value`` recipe overrides.
-
-    Returns:
-        :func:`run_study`'s dict plus ``arch`` and ``n`` (train/val/test sizes).
-    """
-    root = Path(cohort_dir) / "deeplesion"
-    export = Path(domain_export_dir)
-    if not (root / "DL_info.csv").is_file():
-        raise FileNotFoundError(f"{root / 'DL_info.csv'} not found; run `dompre synth` with the deeplesion layout")
-    if not (export / "config.json").is_file():
-        raise FileNotFoundError(f"{export / 'config.json'} not found; pass a `dompre export` folder")
-    arch = json.loads((export / "config.json").read_text()).get("architecture")
-    recipe = load_finetune_recipe(None, [
-        "data.kind=deeplesion_type", f"data.root={root}", f"data.image_size={image_size}", "data.min_val=1",
-        f"model.arch={arch}", f"model.weights={export}", f"train.epochs={epochs}", "train.batch_size=16",
-        "train.lr=0.001", "train.class_weights=true", "train.augment=false", f"out_dir={out_dir}", *overrides])
-    res = run_study(recipe, inits=("random", "domain"), freezes=tuple(freezes), seeds=seeds, out_dir=out_dir)
-    first = json.loads((Path(res["runs"][0]["run_dir"]) / "metrics.json").read_text())
-    return {**res, "arch": arch, "n": first["n"]}

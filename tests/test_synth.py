@@ -1,6 +1,8 @@
 """Synthetic CT cohort: DICOM files read back with pydicom / SimpleITK / MONAI, labels match the anatomy,
-determinism, and the DeepLesion layout round-trips through plain csv / PNG readers."""
+determinism (pinned checksums), and the DeepLesion layout round-trips through plain csv / PNG readers."""
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import pydicom
@@ -8,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from dompre.data.synthetic import stored_values, write_dicom_series, write_scout
+from dompre.synth.dicom import stored_values, write_dicom_series, write_scout
 
 
 def _volume(seed: int = 0, shape=(4, 32, 40)) -> np.ndarray:
@@ -134,14 +136,14 @@ import csv  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from dompre.data.phantom import (  # noqa: E402
+from dompre.synth.phantom import (  # noqa: E402
     ANCESTORS,
     BODY_TERMS,
     PatientParams,
     make_phantom,
     sample_patient,
 )
-from dompre.data.synthetic import DL_COLUMNS, generate_cohort  # noqa: E402
+from dompre.synth.cohort import DL_COLUMNS, generate_cohort  # noqa: E402
 
 REAL_LABELS = Path(__file__).resolve().parents[2] / "shared/data/lesanet/text_mined_labels_171_and_split.json"
 REGIONS = {"neck", "chest", "abdomen", "pelvis", "thigh"}
@@ -253,6 +255,24 @@ def test_cohort_deeplesion_layout_round_trips(cohort):
     assert len(slices) == meta["counts"]["slices"] and (out / "preview.png").stat().st_size > 1000
 
 
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_phantom_matches_its_pinned_checksum():
+    """The generator's output is pinned: these checksums were computed before the phantom moved to
+    dompre.synth (its anatomy then a class, now a table). A change to the anatomy, the lesions, the rendering or
+    the random draws shows here; update the pins only for a deliberate change of the generator."""
+    p = sample_patient(np.random.default_rng([7, 0]), matrix=48, coverage="whole-body", max_slices=120)
+    ph = make_phantom(p, lesions_per_patient=(6, 6))
+    assert ph.hu.shape == (104, 48, 48) and len(ph.lesions) == 6 and len(ph.boxes) == 5
+    assert _sha(np.rint(ph.hu).astype(np.int16).tobytes()) == \
+        "d64fe165dfe3169bfea06571cfca742a80ebbcc44be8f6957eb5763ee81f366b"
+    truth = json.dumps([ph.labels, [list(b) for b in ph.boxes],
+                        [[les.kind, les.organ, list(les.terms), les.coarse_type] for les in ph.lesions]])
+    assert _sha(truth.encode()) == "ad7d2d767f67b2db01e6cc5f8da5741a833d328fe39ffdc76165ab1314d73851"
+
+
 def test_cohort_is_byte_identical_for_a_seed(tmp_path):
     kw = dict(patients=2, seed=9, labeled_fraction=0.5, quirk_rate=0.5, matrix=32, max_slices=30, progress=False)
     generate_cohort(tmp_path / "a", **kw)
@@ -261,6 +281,11 @@ def test_cohort_is_byte_identical_for_a_seed(tmp_path):
     fb = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
     assert fa == fb and len(fa) > 10 and not [p for p in fa if p.name.startswith(".")]
     assert all((tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes() for p in fa)
+    pinned = {  # computed before the move to dompre.synth, like test_phantom_matches_its_pinned_checksum
+        "truth/slices.csv": "feca9b3216bd53827b0883177300c71097c82bf6198ab8e379d4789e90ce7540",
+        "truth/lesions.csv": "5123243c711739539ce34bf238521c2c0eb5b510f8d4e9203b5229eba915ee0b",
+        "deeplesion/DL_info.csv": "336e14740915a6f1aeed0654f8a147fad6823afed9a5efb240243c3bdb5f0a4b"}
+    assert {name: _sha((tmp_path / "a" / name).read_bytes()) for name in pinned} == pinned
     with pytest.raises(ValueError, match="already holds a cohort"):
         generate_cohort(tmp_path / "a", **kw)
 
@@ -277,7 +302,7 @@ def test_cli_synth_prints_a_summary(tmp_path, capsys):
 
 
 def test_lesions_per_patient_sets_how_many_lesions_are_drawn():
-    from dompre.data.phantom import make_lesions, sample_patient, slice_positions
+    from dompre.synth.phantom import make_lesions, sample_patient, slice_positions
     p = sample_patient(np.random.default_rng([0, 1]), matrix=64, max_slices=40)  # a whole-body patient
     zr = (float(slice_positions(p).min()), float(slice_positions(p).max()))
     assert [len(make_lesions(p, zr, n)) for n in ((0, 0), (6, 6), (10, 10))] == [0, 6, 10]
@@ -287,13 +312,38 @@ def test_lesions_per_patient_sets_how_many_lesions_are_drawn():
 
 
 def test_rerun_after_a_kill_leaves_no_hidden_tmp_files(tmp_path):
-    """Issue 15, item 12: a kill -9 mid-write leaves ``.IM0001.dcm.<pid>.tmp`` and ``.slices.csv.tmp``; the
-    rerun (how a killed synth is continued) removes them."""
+    """Issue 15, item 12: a kill -9 mid-write leaves the atomic writer's ``.IM0001.dcm.<random>.tmp`` and
+    ``.slices.csv.<random>.tmp``; the rerun (how a killed synth is continued) removes them."""
     kw = dict(patients=1, seed=9, layout="dicom", quirk_rate=0.0, matrix=32, max_slices=20, progress=False)
     out = tmp_path / "c"
     (out / "dicom" / "x").mkdir(parents=True)
     (out / "truth").mkdir()
-    for stale in (out / "dicom" / "x" / ".IM0001.dcm.4242.tmp", out / "truth" / ".slices.csv.tmp"):
+    for stale in (out / "dicom" / "x" / ".IM0001.dcm.k2x9_q1.tmp", out / "truth" / ".slices.csv.a7bq3z0e.tmp"):
         stale.write_bytes(b"half a file")
     generate_cohort(out, **kw)
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------------------------------ the anatomy table
+def test_anatomy_rows_show_body_terms_and_the_table_is_checked():
+    from dompre.synth.anatomy import F, SECTIONS, Part, Section, _compile
+
+    labels = {part.label for sec in SECTIONS for part in sec.parts if part.label}
+    assert labels <= set(BODY_TERMS) and {"liver", "right lung", "femur", "thyroid gland"} <= labels
+    assert [s.name for s in SECTIONS] == ["head", "neck", "chest", "abdomen", "pelvis", "thighs"]
+    assert all(a.z[1] == b.z[0] for a, b in zip(SECTIONS, SECTIONS[1:]))  # the sections tile the body
+    with pytest.raises(ValueError, match="needs a profile"):
+        _compile([Section("x", (0, 1), (Part("blob", "fat", at=(0, 0), size=(10 * F, 5)),))])
+    with pytest.raises(ValueError, match="unknown tissue"):
+        _compile([Section("x", (0, 1), (Part("blob", "gold", at=(0, 0), size=(10, 5)),))])
+
+
+def test_mirrored_rows_swap_sides_and_the_shapes_are_in_painting_order():
+    from dompre.synth.anatomy import Anatomy
+
+    anat = Anatomy(PatientParams(seed=1, coverage="whole-body"))
+    chest = {s.name: s for s in anat.shapes(420.0)}
+    assert chest["right lung"].cx < 0 < chest["left lung"].cx and chest["rib35-1"].cx < 0 < chest["rib351"].cx
+    names = [s.name for s in anat.shapes(600.0)]
+    assert names[:3] == ["body", "wall", "cavity"] and names.index("right kidney") < names.index("sinus-1")
+    assert anat.shapes(-1.0) == [] and anat.shapes(1300.0) == []
