@@ -30,7 +30,8 @@ from scipy import stats
 from dompre._io import save_figure
 from dompre.errors import UserError
 from dompre.noisy_student import load_stage_model, make_accelerator, pseudo_targets, run, train_arm
-from dompre.train.engine import InputPrep, predict
+from dompre.data.prep import InputPrep
+from dompre.train.engine import predict
 from dompre.train.bootstrap import patient_weights, score_labels
 from dompre.train.metrics import THRESHOLD_GRID, choose_thresholds
 

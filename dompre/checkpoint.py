@@ -36,16 +36,14 @@ from timm.utils import unwrap_model
 from torch import nn
 
 from dompre._io import write_atomic
-from dompre.data.store import read_manifest
 from dompre.errors import UserError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "record_metrics", "store_preparation",
-           "run_preparation", "read_weights", "unwrap_state_dict", "WEIGHTS_NAME", "CHECKPOINT_JSON", "SLICES"]
+__all__ = ["CHECKPOINT_JSON", "WEIGHTS_NAME", "load_checkpoint", "model_kwargs", "read_checkpoint_meta", "read_weights",
+           "record_metrics", "save_checkpoint", "save_stage_checkpoint", "unwrap_state_dict"]
 
 WEIGHTS_NAME = "model.safetensors"
 CHECKPOINT_JSON = "checkpoint.json"
 FORMAT = "dompre-checkpoint"
-SLICES = ("z-1", "z", "z+1")  # the three input channels
 _RESERVED = ("arch", "label_names", "num_classes", "model_kwargs")  # checkpoint.json fields, not info keys
 _CONTAINERS = ("state_dict", "model", "model_state_dict")  # keys training code nests a state dict under
 
@@ -55,38 +53,6 @@ def _to_json(obj: Any, what: str) -> str:
         return json.dumps(obj, indent=2, allow_nan=True)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what} must be JSON-serialisable (numbers, strings, lists, dicts): {e}") from e
-
-
-def store_preparation(store_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """How the inputs of a SliceStore were made, from its manifest: HU window, size, slice convention, stride.
-
-    Returns the ingest recipe's ``prep`` section plus ``source``, ``slices`` (the three channels),
-    ``neighbours`` / ``interval_mm`` (DeepLesion stores) and ``store`` (the folder), for ``info['preparation']``;
-    None for a store whose manifest records no preparation (not written by ``dompre ingest``).
-    """
-    manifest = read_manifest(store_dir)
-    desc = manifest.get("info") or {}
-    prep = desc.get("prep")
-    if not isinstance(prep, dict) or "window" not in prep:
-        return None
-    out = dict(prep, source=desc.get("source"), slices=list(SLICES), store=str(store_dir),
-               image_size=manifest.get("image_size"))
-    for key in ("neighbours", "interval_mm"):
-        if key in desc:
-            out[key] = desc[key]
-    return out
-
-
-def run_preparation(labeled_store: str | os.PathLike, unlabeled_store: str | os.PathLike) -> dict[str, Any]:
-    """``info`` entries for a model trained on two stores: ``preparation`` (the labeled store's, which the metrics
-    are measured on) and, when the unlabeled store was made otherwise, ``unlabeled_preparation``."""
-    labeled, unlabeled = store_preparation(labeled_store), store_preparation(unlabeled_store)
-    out: dict[str, Any] = {"preparation": labeled}
-    same = ("window", "window_source", "size", "crop", "keep_aspect", "stride", "slice_interval", "neighbours")
-    if unlabeled != labeled and (labeled is None or unlabeled is None
-                                 or any(labeled.get(k) != unlabeled.get(k) for k in same)):
-        out["unlabeled_preparation"] = unlabeled
-    return out
 
 
 def model_kwargs(model: nn.Module) -> dict[str, Any]:

@@ -34,7 +34,8 @@ import torch
 from timm.models import save_for_hf
 from torch import nn
 
-from dompre.checkpoint import SLICES, WEIGHTS_NAME, load_checkpoint
+from dompre.checkpoint import WEIGHTS_NAME, load_checkpoint
+from dompre.data.store import SLICES
 from dompre.errors import UserError
 
 __all__ = ["export_timm", "check_export_target", "is_export", "EXPORT_MARKER", "EXPLAIN_PNG"]

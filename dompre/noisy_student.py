@@ -33,15 +33,15 @@ import numpy as np
 import yaml
 from accelerate.utils import set_seed
 
-from dompre.checkpoint import (load_checkpoint, read_checkpoint_meta, record_metrics, run_preparation,
-                               save_stage_checkpoint)
+from dompre.checkpoint import load_checkpoint, read_checkpoint_meta, record_metrics, save_stage_checkpoint
 from dompre.data.deeplesion import load_hand_labeled, load_ontology
-from dompre.data.store import SliceStore
+from dompre.data.store import SliceStore, run_preparation
 from dompre.errors import REPORTED, UnknownName, UserError
 from dompre.pseudo_pretrain import run_pseudo_pretrain
 from dompre.recipes import load_recipe, recipe_to_dict, save_recipe
 from dompre.train.config import PretrainRecipe, check_recipe
-from dompre.train.engine import InputPrep, Position
+from dompre.data.prep import InputPrep
+from dompre.train.engine import Position
 from dompre.train.engine import make_accelerator as engine_accelerator
 from dompre.train.evaluate import EvalSets, evaluate_model, write_json, write_report_tables
 from dompre.train.losses import WeightedFocalLoss, label_weights

@@ -27,7 +27,7 @@ from accelerate.utils import set_seed
 
 from dompre.checkpoint import load_checkpoint, save_stage_checkpoint
 from dompre.export import export_timm
-from dompre.train.engine import InputPrep
+from dompre.data.prep import InputPrep
 from dompre.train.evaluate import evaluate_model, write_json
 from dompre.train.losses import WeightedFocalLoss, label_weights
 from dompre.train.pseudo_label import PseudoLabels, label_store

@@ -12,6 +12,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1] / "dompre"  # read, not imported
 
 # Edges that close a cycle in a file outside the checkpoint / export / explain / cli work of issue 13, listed
@@ -196,3 +198,50 @@ def test_data_layer_imports_nothing_above_it():
                 else:
                     todo.append(w)
     assert not bad, "dompre.data must not import " + ", ".join(DATA_FORBIDDEN) + ":\n" + "\n".join(bad)
+
+
+# The layers of ../shared/DESIGN.md's map, as checked rules: {modules (prefix): prefixes they must never reach,
+# directly or through other modules}. checkpoint is a leaf (like timm's _hub.py); export is a leaf beside train.
+LAYERS = {
+    "dompre.checkpoint": ("dompre.data", "dompre.models", "dompre.train", "dompre.explain", "dompre.export",
+                          "dompre.synth", "dompre.demo", "dompre.benchmark", "dompre.noisy_student", "dompre.cli"),
+    "dompre.export": ("dompre.train", "dompre.explain", "dompre.synth", "dompre.demo", "dompre.noisy_student",
+                      "dompre.cli"),
+    "dompre.models": ("dompre.data", "dompre.train", "dompre.explain", "dompre.export", "dompre.synth", "dompre.cli"),
+    "dompre.explain": ("dompre.train", "dompre.export", "dompre.synth", "dompre.demo", "dompre.noisy_student",
+                       "dompre.cli"),
+    "dompre.train": ("dompre.explain", "dompre.export", "dompre.synth", "dompre.demo", "dompre.benchmark",
+                     "dompre.noisy_student", "dompre.cli"),
+    "dompre.synth": ("dompre.train", "dompre.explain", "dompre.export", "dompre.checkpoint", "dompre.cli"),
+}
+
+
+def _reaches(graph: dict[str, set[str]], where: dict, start: str, forbidden: tuple[str, ...]) -> list[str]:
+    """Import chains from ``start`` to a module under one of ``forbidden`` (each with the first edge's line)."""
+    inside = (lambda m, prefixes: any(m == f or m.startswith(f + ".") for f in prefixes))
+    seen, todo, parent, bad = {start}, [start], {}, []
+    while todo:
+        v = todo.pop()
+        for w in sorted(graph[v]):
+            if w in seen or w == "dompre":  # the package root only registers the models
+                continue
+            seen.add(w)
+            parent[w] = v
+            if inside(w, forbidden):
+                chain = [w]
+                while chain[-1] != start:
+                    chain.append(parent[chain[-1]])
+                chain.reverse()
+                bad.append(" -> ".join(chain) + f" ({where[chain[0], chain[1]]})")
+            else:
+                todo.append(w)
+    return bad
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_layers_import_one_way(layer):
+    graph, where = import_graph()
+    members = sorted(m for m in graph if m == layer or m.startswith(layer + "."))
+    assert members, f"{layer} is not a module of dompre"
+    bad = [chain for m in members for chain in _reaches(graph, where, m, LAYERS[layer])]
+    assert not bad, f"{layer} must not import {', '.join(LAYERS[layer])}:\n" + "\n".join(bad)

@@ -264,7 +264,8 @@ def test_explained_dicom_input_is_the_ingested_store_item(tmp_path):
     with the preparation the model's training store recorded (window, size, crop margin of its recipe)."""
     import timm
 
-    from dompre.checkpoint import save_checkpoint, store_preparation
+    from dompre.checkpoint import save_checkpoint
+    from dompre.data.store import store_preparation
     from dompre.data.ingest import IngestRecipe, ingest_dicom
     from dompre.data.prep import PrepConfig
     from dompre.data.store import SliceStore

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dompre  # noqa: F401  (registers maknet)
-from dompre.checkpoint import load_checkpoint, record_metrics, run_preparation, save_checkpoint, store_preparation
+from dompre.checkpoint import load_checkpoint, record_metrics, save_checkpoint
+from dompre.data.store import run_preparation, store_preparation
 from dompre.export import export_timm, is_export
 
 LABELS = ["liver", "lung", "kidney", "bone", "spleen"]

@@ -181,7 +181,8 @@ def test_head_penalty_closed_form_and_it_shrinks_the_classifier(kvasir, tmp_path
 # ------------------------------------------------------------------------------------------- Dang
 def test_features_from_layer_pool_and_scales(kvasir, tmp_path):
     from dompre.data.downstream import Kvasir
-    from dompre.train.engine import InputPrep, Items, batch_loader
+    from dompre.data.prep import InputPrep
+    from dompre.train.engine import Items, batch_loader
     from dompre.train.features import extract, resolve_layer
     model = timm.create_model("test_resnet", num_classes=8).eval()
     ds = Kvasir(kvasir, image_size=32)

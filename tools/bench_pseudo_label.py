@@ -36,7 +36,7 @@ def _setup(args):
     from accelerate import Accelerator
 
     import dompre  # noqa: F401
-    from dompre.train.engine import InputPrep
+    from dompre.data.prep import InputPrep
     acc = Accelerator(cpu=not torch.cuda.is_available())
     model = timm.create_model(args.model, num_classes=115).to(acc.device).eval()
     if args.channels_last:

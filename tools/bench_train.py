@@ -79,7 +79,7 @@ def main() -> None:
 
     from dompre.data.store import SliceStore
     from dompre.train.config import StudentConfig
-    from dompre.train.engine import InputPrep
+    from dompre.data.prep import InputPrep
     from dompre.train.losses import WeightedFocalLoss
     from dompre.train.student import NoisyStudentTask, build_loaders, noise_transform
     from dompre.train.engine import create_optimizer

@@ -1,19 +1,23 @@
-"""CT volume -> network inputs: body crop (MONAI ``CropForeground``), HU window, 3-slice stacks, resize.
+"""CT volume -> network inputs: body crop (MONAI ``CropForeground``), HU window, 3-slice stacks, resize; and
+the stored uint8 input -> the model's normalized float input (:class:`InputPrep`).
 
 ONE preparation for every input: :func:`prepare_stack` turns three consecutive HU slices into one uint8 input
 (body box of those three slices, HU window, resize); :func:`prepare_volume` applies it to every 3-slice stack of
 a series (DICOM ingest, explanations) and DeepLesion lesion inputs call it on the key slice and its
 neighbours. So a labeled and an unlabeled input of the same anatomy are the same array (tested on one phantom
 written both ways). Stacks are resized as uint8 images (torchvision's vectorised path): resizing float slices
-cost more than decoding the DICOM files (see tools/bench_ingest.py).
+cost more than decoding the DICOM files (see tools/bench_ingest.py). :class:`InputPrep` is the last step, run on
+the accelerator at training, pseudo-labeling, fine-tuning, feature extraction and explanation time.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from timm.data import resolve_data_config
 from torchvision.transforms.v2 import functional as TF
 from monai.transforms import CropForeground, ScaleIntensityRange, SpatialPad
 from scipy import ndimage
@@ -238,3 +242,39 @@ def prepare_volume(hu: np.ndarray, spacing: tuple[float, float, float], cfg: Pre
         if boxes is not None:
             boxes.append(box)
     return stacks, grid[idx[:, 1]]
+
+
+class InputPrep:
+    """uint8 (B, C, H, W) on device -> normalized float input of ``img_size`` (resized on device if needed).
+
+    The one uint8 -> model-input step: pretraining, pseudo-labeling, fine-tuning and feature extraction all use
+    it. ``img_size=None`` keeps the input's size; ``scale`` is what pixel value 1.0 of the mean/std means
+    (255 for uint8 pixels, 1 for images already in [0, 1], as explanations pass them).
+    """
+
+    def __init__(self, img_size: int | None, mean: Sequence[float], std: Sequence[float],
+                 channels_last: bool = False, scale: float = 255.0):
+        self.img_size = img_size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * scale
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * scale
+        self.channels_last = channels_last
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, img_size: int | None, channels_last: bool = False, *,
+                  channels: int | None = None, scale: float = 255.0) -> "InputPrep":
+        """Mean/std from the model's timm ``pretrained_cfg`` (ImageNet defaults when absent; a model with a
+        ``backbone``, e.g. LesaNet, uses its backbone's). ``channels`` different from the config's: every
+        channel gets the mean of the configured means and stds (grayscale input to an RGB-normalized model)."""
+        cfg = resolve_data_config({}, model=getattr(model, "backbone", model))
+        mean, std = list(cfg["mean"]), list(cfg["std"])
+        if channels is not None and len(mean) != channels:
+            mean, std = [float(np.mean(mean))] * channels, [float(np.mean(std))] * channels
+        return cls(img_size, mean, std, channels_last, scale)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.img_size is not None and (x.shape[-1] != self.img_size or x.shape[-2] != self.img_size):
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

@@ -603,3 +603,39 @@ class SliceStore:
         state["_fds"] = OrderedDict()  # files are reopened in each DataLoader worker, never pickled
         state["_cache"] = {}
         return state
+
+
+# ------------------------------------------------------------------ how a store's inputs were made
+SLICES = ("z-1", "z", "z+1")  # the three input channels
+
+
+def store_preparation(store_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """How the inputs of a SliceStore were made, from its manifest: HU window, size, slice convention, stride.
+
+    Returns the ingest recipe's ``prep`` section plus ``source``, ``slices`` (the three channels),
+    ``neighbours`` / ``interval_mm`` (DeepLesion stores) and ``store`` (the folder), for ``info['preparation']``;
+    None for a store whose manifest records no preparation (not written by ``dompre ingest``).
+    """
+    manifest = read_manifest(store_dir)
+    desc = manifest.get("info") or {}
+    prep = desc.get("prep")
+    if not isinstance(prep, dict) or "window" not in prep:
+        return None
+    out = dict(prep, source=desc.get("source"), slices=list(SLICES), store=str(store_dir),
+               image_size=manifest.get("image_size"))
+    for key in ("neighbours", "interval_mm"):
+        if key in desc:
+            out[key] = desc[key]
+    return out
+
+
+def run_preparation(labeled_store: str | os.PathLike, unlabeled_store: str | os.PathLike) -> dict[str, Any]:
+    """``info`` entries for a model trained on two stores: ``preparation`` (the labeled store's, which the metrics
+    are measured on) and, when the unlabeled store was made otherwise, ``unlabeled_preparation``."""
+    labeled, unlabeled = store_preparation(labeled_store), store_preparation(unlabeled_store)
+    out: dict[str, Any] = {"preparation": labeled}
+    same = ("window", "window_source", "size", "crop", "keep_aspect", "stride", "slice_interval", "neighbours")
+    if unlabeled != labeled and (labeled is None or unlabeled is None
+                                 or any(labeled.get(k) != unlabeled.get(k) for k in same)):
+        out["unlabeled_preparation"] = unlabeled
+    return out

@@ -17,7 +17,7 @@ from timm.data import resolve_model_data_config
 from torch import nn
 
 from dompre.errors import UnknownName, UserError
-from dompre.train.engine import InputPrep
+from dompre.data.prep import InputPrep
 
 Activation = Literal["sigmoid", "softmax"]
 

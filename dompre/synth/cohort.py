@@ -19,6 +19,7 @@ from pydicom.uid import RLELossless
 from tqdm.auto import tqdm
 
 from dompre._io import atomic_open, save_figure, write_atomic
+from dompre.errors import UserError
 from dompre.synth.anatomy import region_of
 from dompre.synth.dicom import derive_uid, write_dicom_series, write_scout
 from dompre.synth.phantom import (
@@ -215,25 +216,25 @@ def generate_cohort(
         The ``cohort.json`` content (parameters, counts, term list, per-series summary).
     """
     if patients < 1:
-        raise ValueError(f"patients must be >= 1, got {patients}")
+        raise UserError(f"patients must be >= 1, got {patients}")
     if layout not in LAYOUTS:
-        raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
+        raise UserError(f"layout {layout!r} is not one of {LAYOUTS}")
     if not 0 <= lesions_per_patient[0] <= lesions_per_patient[1]:
-        raise ValueError(f"lesions_per_patient must be (low, high) with 0 <= low <= high, got {lesions_per_patient}")
+        raise UserError(f"lesions_per_patient must be (low, high) with 0 <= low <= high, got {lesions_per_patient}")
     if labeled_lesions is not None and not 0 <= labeled_lesions[0] <= labeled_lesions[1]:
-        raise ValueError(f"labeled_lesions must be (low, high) with 0 <= low <= high, got {labeled_lesions}")
+        raise UserError(f"labeled_lesions must be (low, high) with 0 <= low <= high, got {labeled_lesions}")
     if labeled_coverage is not None and labeled_coverage not in COVERAGES:
-        raise ValueError(f"labeled_coverage {labeled_coverage!r} is not one of {sorted(COVERAGES)}")
+        raise UserError(f"labeled_coverage {labeled_coverage!r} is not one of {sorted(COVERAGES)}")
     for name, v in (("labeled_fraction", labeled_fraction), ("quirk_rate", quirk_rate)):
         if not 0.0 <= v <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {v}")
+            raise UserError(f"{name} must be in [0, 1], got {v}")
     if not 32 <= matrix <= 1024:
-        raise ValueError(f"matrix must be in 32..1024 pixels, got {matrix}")
+        raise UserError(f"matrix must be in 32..1024 pixels, got {matrix}")
     if max_slices < 8:
-        raise ValueError(f"max_slices must be >= 8, got {max_slices}")
+        raise UserError(f"max_slices must be >= 8, got {max_slices}")
     out = Path(out_dir)
     if (out / "cohort.json").exists() and not overwrite:
-        raise ValueError(f"{out} already holds a cohort (cohort.json); choose another folder or pass overwrite")
+        raise UserError(f"{out} already holds a cohort (cohort.json); choose another folder or pass overwrite")
     _remove_stale_tmp(out)
     rng = np.random.default_rng([seed, 0])
     n_lab = {"both": round(labeled_fraction * patients), "dicom": 0, "deeplesion": patients}[layout]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dompre.errors import UserError
 from dompre.synth.anatomy import PELVIS_END, Anatomy, Shape, region_of
 from dompre.synth.terms import TERMS
 
@@ -99,7 +100,7 @@ def sample_patient(rng: np.random.Generator, *, matrix: int = 256, coverage: str
         names = list(COVERAGES)
         coverage = names[rng.choice(len(names), p=[0.15, 0.3, 0.25, 0.15, 0.15])]
     if coverage not in COVERAGES:
-        raise ValueError(f"unknown coverage {coverage!r}; choose one of {sorted(COVERAGES)}")
+        raise UserError(f"unknown coverage {coverage!r}; choose one of {sorted(COVERAGES)}")
     width = float(rng.uniform(0.85, 1.15))
     z0, z1 = COVERAGES[coverage]
     fov = (250.0 if coverage == "head" else 2 * 175 * width + 70) * float(rng.uniform(1.0, 1.12))

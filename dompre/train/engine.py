@@ -29,54 +29,17 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration, tqdm
-from timm.data import resolve_data_config
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 
 from dompre._io import write_atomic
+from dompre.data.prep import InputPrep
 from dompre.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-
-class InputPrep:
-    """uint8 (B, C, H, W) on device -> normalized float input of ``img_size`` (resized on device if needed).
-
-    The one uint8 -> model-input step: pretraining, pseudo-labeling, fine-tuning and feature extraction all use
-    it. ``img_size=None`` keeps the input's size; ``scale`` is what pixel value 1.0 of the mean/std means
-    (255 for uint8 pixels, 1 for images already in [0, 1], as explanations pass them).
-    """
-
-    def __init__(self, img_size: int | None, mean: Sequence[float], std: Sequence[float],
-                 channels_last: bool = False, scale: float = 255.0):
-        self.img_size = img_size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * scale
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * scale
-        self.channels_last = channels_last
-
-    @classmethod
-    def for_model(cls, model: torch.nn.Module, img_size: int | None, channels_last: bool = False, *,
-                  channels: int | None = None, scale: float = 255.0) -> "InputPrep":
-        """Mean/std from the model's timm ``pretrained_cfg`` (ImageNet defaults when absent; a model with a
-        ``backbone``, e.g. LesaNet, uses its backbone's). ``channels`` different from the config's: every
-        channel gets the mean of the configured means and stds (grayscale input to an RGB-normalized model)."""
-        cfg = resolve_data_config({}, model=getattr(model, "backbone", model))
-        mean, std = list(cfg["mean"]), list(cfg["std"])
-        if channels is not None and len(mean) != channels:
-            mean, std = [float(np.mean(mean))] * channels, [float(np.mean(std))] * channels
-        return cls(img_size, mean, std, channels_last, scale)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        if self.img_size is not None and (x.shape[-1] != self.img_size or x.shape[-2] != self.img_size):
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", antialias=True,
-                              align_corners=False)
-        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 def make_accelerator(project_dir: str | os.PathLike, *, mixed_precision: str = "no", torch_threads: int = 0,

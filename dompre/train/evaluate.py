@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from dompre._io import save_figure, write_atomic
-from dompre.train.engine import InputPrep, predict
+from dompre.data.prep import InputPrep
+from dompre.train.engine import predict
 from dompre.train.metrics import choose_thresholds, lesanet_eval
 
 METRICS = ("auc", "f1", "precision", "recall")

@@ -29,7 +29,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from dompre.errors import UnknownName, UserError
-from dompre.train.engine import InputPrep
+from dompre.data.prep import InputPrep
 
 
 def resolve_layer(model: nn.Module, layer: str) -> nn.Module | None:

@@ -62,7 +62,8 @@ from dompre.errors import UserError
 from dompre.models.lesanet import LesaNet
 from dompre.recipes import PATH, load_recipe, recipe_to_dict, save_recipe
 from dompre.train import downstream_plots as plots
-from dompre.train.engine import (InputPrep, Items, Position, StreamSampler, batch_loader, create_optimizer,
+from dompre.data.prep import InputPrep
+from dompre.train.engine import (Items, Position, StreamSampler, batch_loader, create_optimizer,
                                  create_scheduler, epoch_steps, fit, forward, infer, make_accelerator, make_loader)
 from dompre.train.features import extract, fit_encoding, fit_linear, linear_scores
 from dompre.train.losses import WeightedFocalLoss, label_triplet_loss, label_weights

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from dompre.errors import UnknownName, UserError
 from dompre.recipes import recipe_to_dict
 from dompre.train.finetune import FinetuneRecipe, load_finetune_recipe, run_finetune
 
@@ -149,7 +150,7 @@ def run_study(recipe: FinetuneRecipe | str | Path, *, inits=("random", "domain")
     if not isinstance(recipe, FinetuneRecipe):
         recipe = load_finetune_recipe(recipe, list(overrides))
     if seeds < 1:
-        raise ValueError(f"seeds={seeds}: use 1 or more (2 or more to compare against the spread)")
+        raise UserError(f"seeds={seeds}: use 1 or more (2 or more to compare against the spread)")
     if "imagenet" in inits or ("meanvar" in inits and not (weights or recipe.model.weights)):
         from dompre.train.transfer import check_imagenet_weights
         check_imagenet_weights(recipe.model.arch)  # before any cell runs, not at the first ImageNet cell
@@ -162,7 +163,7 @@ def run_study(recipe: FinetuneRecipe | str | Path, *, inits=("random", "domain")
             for s in range(seeds):
                 cell = _cell_recipe(recipe, init, strategy, freeze, recipe.seed + s, weights, tsne)
                 if init in ("domain", "file") and not cell.model.weights:
-                    raise ValueError(f"init={init} needs weights: pass --weights or set model.weights in the recipe")
+                    raise UserError(f"init={init} needs weights: pass --weights or set model.weights in the recipe")
                 run_dir = out / f"{init}_{strategy}_f{freeze:g}_s{cell.seed}"
                 done = run_dir / "metrics.json"
                 res = json.loads(done.read_text()) if _finished(run_dir, cell) else run_finetune(cell, run_dir)
@@ -173,7 +174,7 @@ def run_study(recipe: FinetuneRecipe | str | Path, *, inits=("random", "domain")
                              "run_dir": str(run_dir)})
     runs = pd.DataFrame(rows)
     if metric not in runs:
-        raise KeyError(f"metric {metric!r} is not among the run metrics {sorted(runs.columns)}")
+        raise UnknownName(f"metric {metric!r} is not among the run metrics {sorted(runs.columns)}")
     summary = summarize(runs, metric)
     comparisons = compare_cells(runs, metric, alpha)
     conv = convergence_table(runs, inits[0])
