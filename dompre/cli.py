@@ -99,6 +99,15 @@ def _run_explain(args: argparse.Namespace) -> int:
     return 0 if results else 1
 
 
+def _add_job_options(d: argparse.ArgumentParser, recipe_help: str, example: str) -> None:
+    """The options every ingest job takes: workers, recipe, overrides, progress bars."""
+    d.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    d.add_argument("--recipe", default=None, help=recipe_help)
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"recipe override, e.g. {example} (repeatable)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def _add_ingest(sub: argparse._SubParsersAction) -> None:
     """`dompre ingest SOURCE ...`: a group; `dicom` here, `deeplesion` from `_add_ingest_deeplesion(group)`."""
     p = sub.add_parser("ingest", help="CT archives -> SliceStore of windowed 3-slice inputs (resumable)")
@@ -106,11 +115,7 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     d = group.add_parser("dicom", help="a DICOM tree (any folder layout) -> SliceStore; rerun to resume")
     d.add_argument("input_dir", metavar="INPUT_DIR", help="root folder of the DICOM files")
     d.add_argument("store_dir", metavar="STORE_DIR", help="output store (created, or continued)")
-    d.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    d.add_argument("--recipe", default=None, help="ingest recipe YAML (prep: window, crop, size, stride, ...)")
-    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="recipe override, e.g. prep.min_slices=30 (repeatable)")
-    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_job_options(d, "ingest recipe YAML (prep: window, crop, size, stride, ...)", "prep.min_slices=30")
     d.set_defaults(func=_run_ingest_dicom)
     add_deeplesion = globals().get("_add_ingest_deeplesion")
     if add_deeplesion is not None:
@@ -119,8 +124,6 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
 
 def _run_ingest_dicom(args: argparse.Namespace) -> int:
     from dompre.data.ingest import ingest_dicom, load_ingest_recipe
-    if args.workers < 1:
-        raise UserError(f"--workers {args.workers}: must be >= 1")
     recipe = load_ingest_recipe(args.recipe, tuple(args.overrides))
     s = ingest_dicom(args.input_dir, args.store_dir, workers=args.workers, recipe=recipe,
                      progress=not args.no_progress)
@@ -140,18 +143,12 @@ def _add_ingest_deeplesion(group: argparse._SubParsersAction) -> None:
     d.add_argument("--ontology", default=None, metavar="FILE", help="lesion_ontology_181022.xlsx (or csv copy)")
     d.add_argument("--classes", default=None, metavar="CLASS",
                    help="keep only this ontology class as labels, e.g. bodypart (default: the whole term list)")
-    d.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    d.add_argument("--recipe", default=None, help="recipe YAML (prep:, neighbours, interval_mm, drop_noisy, ...)")
-    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="recipe override, e.g. neighbours=interval (repeatable)")
-    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_job_options(d, "recipe YAML (prep:, neighbours, interval_mm, drop_noisy, ...)", "neighbours=interval")
     d.set_defaults(func=_run_ingest_deeplesion)
 
 
 def _run_ingest_deeplesion(args: argparse.Namespace) -> int:
     from dompre.data.ingest_deeplesion import ingest_deeplesion, load_deeplesion_recipe
-    if args.workers < 1:
-        raise UserError(f"--workers {args.workers}: must be >= 1")
     recipe = load_deeplesion_recipe(args.recipe, tuple(args.overrides))
     s = ingest_deeplesion(args.root, args.store_dir, labels=args.labels, ontology=args.ontology,
                           classes=args.classes, workers=args.workers, recipe=recipe, progress=not args.no_progress)

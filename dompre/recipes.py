@@ -22,6 +22,7 @@ from typing import Any, Literal, Sequence, TypeVar, Union
 
 import yaml
 
+from dompre._io import write_atomic
 from dompre.errors import UserError
 
 T = TypeVar("T")
@@ -233,8 +234,5 @@ def save_recipe(recipe: Any, path: str | Path, header: str = "") -> Path:
     """Write the resolved recipe as YAML (atomically), after ``header`` as ``#`` comment lines when given."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     comment = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
-    tmp.write_text(comment + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-    tmp.replace(path)
-    return path
+    return write_atomic(path, comment + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))

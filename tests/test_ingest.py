@@ -176,7 +176,7 @@ def test_cli_bad_configuration_stops_with_clear_message(tmp_path, capsys):
     cases = [
         (["ingest", "dicom", str(tmp_path / "missing"), str(tmp_path / "st")], "does not exist"),
         (["ingest", "dicom", str(tmp_path / "in"), str(tmp_path / "afile" / "st")], "not writable"),
-        (["ingest", "dicom", str(tmp_path / "in"), str(tmp_path / "st"), "--workers", "0"], "--workers 0"),
+        (["ingest", "dicom", str(tmp_path / "in"), str(tmp_path / "st"), "--workers", "0"], "workers = 0 must be an integer >= 1"),
         (["ingest", "dicom", str(tmp_path / "in"), str(tmp_path / "st"), "--set", "prep.sise=3"], "prep.sise"),
         (["ingest", "dicom", str(tmp_path / "in"), str(tmp_path / "st"), "--set", "prep.stride=0"], "stride"),
     ]

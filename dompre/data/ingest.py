@@ -154,6 +154,18 @@ def worker_init(parent: int) -> None:
     torch.set_num_threads(1)
 
 
+def check_workers(workers: int) -> None:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UserError(f"workers = {workers!r} must be an integer >= 1")
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor | None:
+    """The ingest jobs' process pool (None for ``workers == 1``): workers end with this process and use one torch
+    thread each (:func:`worker_init`)."""
+    check_workers(workers)
+    return ProcessPoolExecutor(workers, initializer=worker_init, initargs=(os.getpid(),)) if workers > 1 else None
+
+
 def _check_store_dir(store_dir: Path) -> None:
     try:
         store_dir.mkdir(parents=True, exist_ok=True)
@@ -219,8 +231,7 @@ def ingest_dicom(input_dir: str | Path, store_dir: str | Path, *, workers: int =
         FileNotFoundError: ``input_dir`` is missing. PermissionError: ``store_dir`` is not writable.
         ValueError: bad option, or the store was made with other settings.
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise UserError(f"workers = {workers!r} must be an integer >= 1")
+    check_workers(workers)
     recipe = recipe or IngestRecipe()
     input_dir, store_dir = Path(input_dir), Path(store_dir)
     files = list_files(input_dir)
@@ -230,7 +241,7 @@ def ingest_dicom(input_dir: str | Path, store_dir: str | Path, *, workers: int =
     _check_store_dir(store_dir)
     info = {"source": "dicom", "prep": dataclasses.asdict(recipe.prep)}
     root = str(input_dir)
-    pool = ProcessPoolExecutor(workers, initializer=worker_init, initargs=(os.getpid(),)) if workers > 1 else None
+    pool = worker_pool(workers)
     try:
         series, bad = _scan(files, pool, workers, progress)
         with StoreWriter(store_dir, image_size=recipe.prep.size, shard_size=recipe.shard_size, info=info) as w:

@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import os
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 
 from dompre.data.deeplesion import (LesionInputConfig, build_lesion_input, load_lesanet_labels, load_ontology,
                                     read_dl_info)
-from dompre.data.ingest import worker_init
+from dompre.data.ingest import check_workers, worker_pool
 from dompre.data.prep import PrepConfig
 from dompre.data.store import StoreWriter, write_report
 from dompre.errors import UserError
@@ -140,8 +139,7 @@ def ingest_deeplesion(root: str | Path, store_dir: str | Path, *, labels: str | 
     Returns:
         The summary written into ``report.json`` (counts, skip reasons, report path).
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise UserError(f"workers = {workers!r} must be an integer >= 1")
+    check_workers(workers)
     recipe = recipe or DeepLesionIngestRecipe()
     root, store_dir = Path(root), Path(store_dir)
     if not (root / "Images_png").is_dir():
@@ -157,7 +155,7 @@ def ingest_deeplesion(root: str | Path, store_dir: str | Path, *, labels: str | 
     if not os.access(store_dir, os.W_OK):
         raise PermissionError(f"store folder {store_dir} is not writable; choose a writable STORE_DIR")
     desc = {"source": "deeplesion", "classes": classes, **dataclasses.asdict(recipe)}
-    pool = ProcessPoolExecutor(workers, initializer=worker_init, initargs=(os.getpid(),)) if workers > 1 else None
+    pool = worker_pool(workers)
     try:
         with StoreWriter(store_dir, image_size=recipe.prep.size, label_names=names,
                          shard_size=recipe.shard_size, info=desc) as w:

@@ -22,16 +22,19 @@ import dataclasses
 import itertools
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
+from scipy.stats import ttest_ind
 
+from dompre._io import atomic_open, write_atomic
 from dompre.errors import UnknownName, UserError
 from dompre.recipes import recipe_to_dict
+from dompre.train.downstream_plots import plot_study, plot_tsne
 from dompre.train.finetune import FinetuneRecipe, load_finetune_recipe, run_finetune
+from dompre.train.transfer import check_imagenet_weights
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,6 @@ def _cell_recipe(recipe: FinetuneRecipe, init: str, strategy: str, freeze: float
 
 def welch(a: np.ndarray, b: np.ndarray) -> float:
     """Two-sided Welch t-test p-value (NaN with fewer than 2 values a side; 0 or 1 when both spreads are 0)."""
-    from scipy.stats import ttest_ind
     a, b = np.asarray(a, float), np.asarray(b, float)
     if len(a) < 2 or len(b) < 2:
         return float("nan")
@@ -152,7 +154,6 @@ def run_study(recipe: FinetuneRecipe | str | Path, *, inits=("random", "domain")
     if seeds < 1:
         raise UserError(f"seeds={seeds}: use 1 or more (2 or more to compare against the spread)")
     if "imagenet" in inits or ("meanvar" in inits and not (weights or recipe.model.weights)):
-        from dompre.train.transfer import check_imagenet_weights
         check_imagenet_weights(recipe.model.arch)  # before any cell runs, not at the first ImageNet cell
     out = Path(out_dir or Path(recipe.out_dir) / "study")
     out.mkdir(parents=True, exist_ok=True)
@@ -181,14 +182,11 @@ def run_study(recipe: FinetuneRecipe | str | Path, *, inits=("random", "domain")
     markdown = to_markdown(summary, comparisons, metric, alpha) + _convergence_markdown(conv, inits[0])
     for name, df in (("runs.csv", runs), ("summary.csv", summary), ("comparisons.csv", comparisons),
                      ("convergence.csv", conv)):
-        df.to_csv(out / (name + ".tmp"), index=False)
-        os.replace(out / (name + ".tmp"), out / name)
-    (out / "summary.md.tmp").write_text(markdown)
-    os.replace(out / "summary.md.tmp", out / "summary.md")
-    from dompre.train.downstream_plots import plot_study
+        with atomic_open(out / name, "w") as f:
+            df.to_csv(f, index=False)
+    write_atomic(out / "summary.md", markdown)
     plot_study(summary, metric, out / "study.png")
     if tsne:
-        from dompre.train.downstream_plots import plot_tsne
         first = runs[runs["seed"] == recipe.seed]
         plot_tsne([(f"{r.init} / {r.strategy} / freeze {r.freeze:g}%", Path(r.run_dir) / "features.npz")
                    for r in first.itertuples()], out / "tsne.png", seed=recipe.seed)
