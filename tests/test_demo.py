@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import timm
 from timm.models import save_for_hf
 
-from dompre.demo import run_demo, run_synthetic_downstream
+from _downstream_layouts import make_deeplesion
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _downstream_layouts import make_deeplesion  # noqa: E402
+from dompre.demo import run_demo, run_synthetic_downstream
 
 
 @pytest.mark.slow
