@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dompre.errors import UserError
+
 if TYPE_CHECKING:
     from dompre.train.finetune import FinetuneRecipe
 
@@ -101,8 +103,12 @@ def check_options(recipe: "FinetuneRecipe") -> None:
     if t.rhem and recipe.data.kind != "lesanet":
         raise ValueError(f"train.rhem mines lesion-label pairs of a multi-label task: use data.kind=lesanet, "
                          f"not {recipe.data.kind}")
-    if not 0 < t.rhem_fraction <= 1:
-        raise ValueError(f"train.rhem_fraction={t.rhem_fraction}: a share in (0, 1]")
+    if t.rhem and not recipe.data.ontology:
+        raise UserError("train.rhem needs data.ontology (lesion_ontology_181022.xlsx): its exclusive relations give "
+                        "RHEM's reliable negatives")
+    if t.rhem_weight < 0 or t.rhem_samples < 1 or t.rhem_power < 0:
+        raise UserError(f"train.rhem_weight={t.rhem_weight} (>= 0), train.rhem_samples={t.rhem_samples} (>= 1) and "
+                        f"train.rhem_power={t.rhem_power} (>= 0)")
     if any(s < 8 for s in t.feature_scales):
         raise ValueError(f"train.feature_scales={list(t.feature_scales)}: input sides in pixels (>= 8)")
     if m.init == "imagenet" or (m.init == "meanvar" and not m.weights):
