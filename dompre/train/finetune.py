@@ -7,7 +7,8 @@ initialisation, and which transfer strategy:
   ``timm.create_model('local-dir:DIR', pretrained=True, num_classes=K)``); ``file`` (any weights file, loaded through
   timm's ``pretrained_cfg_overlay=dict(file=...)`` so its checkpoint filters and ``in_chans`` adaptation apply, or
   else as a safetensors / ``torch.load(weights_only=True)`` state dict, non-strictly, without the classifier);
-  ``imagenet`` (timm ``pretrained=True``; stops at once when the weights are neither cached nor reachable);
+  ``imagenet`` (timm ``pretrained=True``; weights not cached are downloaded first, and it stops with one line when
+  offline or when that download fails);
   ``meanvar`` (``model.weights``, or ImageNet when unset, then every layer redrawn with its mean and std). See
   :mod:`dompre.train.transfer` for these and ``train.freeze_until``, ``train.head_l1`` / ``head_l2`` and the
   convergence speed (``metrics.json`` ``convergence.best_epoch``: the epoch of the best validation score).
@@ -76,7 +77,7 @@ from dompre.train.losses import RelationalHardExampleMining, WeightedFocalLoss, 
 from dompre.train.metrics import auc_micro, choose_thresholds, classification_report, lesanet_eval
 from dompre.train.pseudo_label import exclusive_matrix
 from dompre.train.transfer import (check_imagenet_weights, check_options, classification_block, convergence,
-                                   freeze_until, head_penalty, meanvar_redraw, val_score)
+                                   freeze_until, head_penalty, imagenet_load_error, meanvar_redraw, val_score)
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,14 @@ def build_model(recipe: FinetuneRecipe, num_classes: int) -> tuple[nn.Module, di
             return LesaNet(num_classes, name, in_chans=c, drop_rate=m.drop_rate, **kw, **extra)
         return timm.create_model(name, num_classes=num_classes, in_chans=c, drop_rate=m.drop_rate, **kw, **extra)
 
+    if m.init == "imagenet":
+        try:
+            return create(), info
+        except Exception as e:  # the hub or url failing under timm: one line; anything else keeps its traceback
+            err = imagenet_load_error(m.arch, e)
+            if err is None:
+                raise
+            raise err from None
     if m.init != "file":
         return create(), info
     try:
