@@ -1,5 +1,6 @@
 """dompre.train.losses, closed-form: LesaNet's label weights (values, cap, edge cases), the one weighted loss
-(gamma 0 = weighted BCE, RHEM, NaN left out, soft targets) and the label-set triplet loss."""
+(gamma 0 = weighted BCE, top-k hard pairs, NaN left out, soft targets), LesaNet's relational hard example mining
+(reliable pairs from exclusive relations, draws ∝ |p - y|²) and the label-set triplet loss."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from dompre.train.config import LossConfig
-from dompre.train.losses import MAX_LABEL_WEIGHT, WeightedFocalLoss, label_weights, label_triplet_loss
+from dompre.train.losses import (MAX_LABEL_WEIGHT, RelationalHardExampleMining, WeightedFocalLoss,
+                                 label_triplet_loss, label_weights, reliable_pairs)
 
 NAN = float("nan")
 
@@ -74,7 +76,7 @@ def test_focal_gamma_scales_each_element_by_one_minus_pt_to_the_gamma():
     assert float(WeightedFocalLoss(gamma=2.0)(logits, y)) == pytest.approx(expected, rel=1e-5)
 
 
-def test_rhem_keeps_only_the_hardest_fraction_of_known_pairs():
+def test_hard_fraction_keeps_only_the_hardest_share_of_known_pairs():
     logits = torch.tensor([[2.0, -1.0, 0.0], [-3.0, 1.0, 4.0]], requires_grad=True)
     y = torch.tensor([[1.0, 1.0, NAN], [0.0, 0.0, 0.0]])
     wp, wn = np.array([1.0, 2.0, 1.0], np.float32), np.array([1.0, 0.5, 3.0], np.float32)
@@ -92,6 +94,62 @@ def test_rhem_keeps_only_the_hardest_fraction_of_known_pairs():
     assert loss.item() > plain(logits, y).item()
     with pytest.raises(ValueError, match="hard_fraction"):
         WeightedFocalLoss(hard_fraction=1.5)
+
+
+# labels 0 chest, 1 abdomen, 2 lung, 3 liver, 4 nodule; chest-abdomen exclusive, so are lung-abdomen, chest-liver
+# and lung-liver (the closure spreads exclusivity to children)
+EXCLUSIVE = np.zeros((5, 5), bool)
+for _i, _j in ((0, 1), (2, 1), (0, 3), (2, 3)):
+    EXCLUSIVE[_i, _j] = EXCLUSIVE[_j, _i] = True
+
+
+def test_reliable_pairs_are_the_positives_and_the_labels_exclusive_with_them():
+    y = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0],    # chest, lung: abdomen and liver are reliable negatives
+                      [0.0, 1.0, 0.0, NAN, 0.0],    # abdomen: chest and lung reliable; liver uncertain stays out
+                      [0.0, 0.0, 0.0, 0.0, NAN]])   # nothing positive: nothing reliable
+    got = reliable_pairs(y, torch.from_numpy(EXCLUSIVE))
+    assert got.tolist() == [[True, True, True, True, False],
+                            [True, True, True, False, False],
+                            [False] * 5]
+    assert reliable_pairs(y, None).tolist() == (torch.nan_to_num(y) == 1).tolist()  # no ontology: positives only
+
+
+def test_rhem_draws_reliable_pairs_in_proportion_to_the_squared_error_and_never_others():
+    # lesion 0: chest positive; abdomen (reliable negative) confidently wrong, liver (reliable) nearly right,
+    # nodule a plain 0 (unreliable: the report may just not mention it) even more wrong, lung uncertain
+    logits = torch.tensor([[1.0, 3.0, -2.0, -4.0, 6.0]], requires_grad=True)
+    y = torch.tensor([[1.0, 0.0, NAN, 0.0, 0.0]])
+    p = torch.sigmoid(logits).detach().double().numpy()[0]
+    t = np.nan_to_num(y.numpy()[0])
+    reliable = np.array([True, True, False, True, False])
+    w = np.where(reliable, np.abs(p - t) ** 2, 0.0)
+    expected = float((w * _bce(logits.detach().numpy()[0], t)).sum() / w.sum())  # E[mean CE of the draws]
+    torch.manual_seed(0)
+    rhem = RelationalHardExampleMining(EXCLUSIVE, samples=200_000, power=2.0)
+    loss = rhem(logits, y)
+    assert loss.item() == pytest.approx(expected, rel=0.02)
+    loss.backward()
+    g = logits.grad[0].abs()
+    assert g[2] == 0 and g[4] == 0  # the uncertain pair and the unreliable plain 0 are never drawn
+    assert g[1] > 0.9 * g.sum()  # the confident mistake among the reliable pairs takes the gradient
+    plain = float(_bce(logits.detach().numpy()[0], t)[reliable].mean())
+    assert loss.item() > 1.5 * plain  # concentrated on the hard pair, well above the plain mean
+    torch.manual_seed(0)
+    uniform = RelationalHardExampleMining(EXCLUSIVE, samples=200_000, power=0.0)(logits.detach(), y)
+    assert uniform.item() == pytest.approx(plain, rel=0.02)  # power 0: the reliable pairs uniformly
+    assert RelationalHardExampleMining(None, samples=1000)(logits.detach(), y).item() == pytest.approx(
+        float(_bce(1.0, 1.0)), rel=1e-5)  # no ontology: only the positive is reliable
+
+
+def test_rhem_without_a_reliable_pair_is_zero_with_a_gradient():
+    logits = torch.zeros(2, 5, requires_grad=True)
+    loss = RelationalHardExampleMining(EXCLUSIVE, samples=10)(logits, torch.tensor([[0.0, 0.0, NAN, 0.0, 0.0]] * 2))
+    loss.backward()
+    assert loss.item() == 0.0 and logits.grad is not None and not logits.grad.any()
+    exact = torch.tensor([[50.0, -50.0, -50.0, -50.0, 0.0]])  # every reliable pair already right (p - y = 0)
+    assert RelationalHardExampleMining(EXCLUSIVE, samples=10)(exact, torch.tensor([[1.0, 0, 0, 0, 0]])).item() == 0
+    with pytest.raises(ValueError, match="samples"):
+        RelationalHardExampleMining(EXCLUSIVE, samples=0)
 
 
 @pytest.mark.parametrize("hard_fraction", [0.0, 0.5])

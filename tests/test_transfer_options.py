@@ -108,6 +108,74 @@ def test_imagenet_init_offline_fails_at_once_with_one_line(kvasir, tmp_path, mon
     assert not (tmp_path / "s").exists()  # stopped before the random cells ran, not at the first ImageNet cell
 
 
+def _online_but_empty(monkeypatch, tmp_path):
+    """Not offline, nothing cached; every hub call is replaced by the test (no test touches the network)."""
+    import huggingface_hub.constants
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+
+
+def test_imagenet_init_with_an_unreachable_hub_fails_after_one_request_with_one_line(kvasir, tmp_path, monkeypatch,
+                                                                                     capsys):
+    import huggingface_hub
+
+    from dompre.cli import main
+    _online_but_empty(monkeypatch, tmp_path)
+    calls = []
+
+    def unreachable(url, timeout=None, **kw):
+        calls.append((url, timeout))
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    def no_download(*a, **kw):
+        raise AssertionError("hf_hub_download called although the metadata request failed")
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", unreachable)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    rc = main(["finetune", str(ROOT / "recipes" / "kvasir.yaml"), f"data.root={kvasir}", f"out_dir={tmp_path / 'r'}",
+               "model.arch=test_resnet", "model.init=imagenet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert "downloading them failed" in err[0] and "Connection refused" in err[0] and "init=file" in err[0]
+    assert len(calls) == 1 and calls[0][1] == 10.0  # one request of huggingface_hub's own, no retries
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_imagenet_weights_missing_from_the_cache_are_downloaded_as_timm_would(tmp_path, monkeypatch):
+    import huggingface_hub
+    import huggingface_hub.errors
+
+    from dompre.train.transfer import check_imagenet_weights
+    _online_but_empty(monkeypatch, tmp_path)
+    asked, fetched = [], []
+
+    def metadata(url, timeout=None, **kw):
+        asked.append(url.rsplit("/", 1)[-1])
+        if url.endswith("model.safetensors"):  # this repository has only the .bin file
+            err = huggingface_hub.errors.RemoteEntryNotFoundError.__new__(
+                huggingface_hub.errors.RemoteEntryNotFoundError)
+            Exception.__init__(err, "404 model.safetensors")
+            raise err
+        return object()
+
+    def download(repo, name, revision=None, **kw):
+        fetched.append((repo, name, revision))
+        path = tmp_path / "dl" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"weights")
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", metadata)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    hub_id = timm.models.get_pretrained_cfg("resnet18").hf_hub_id
+    got = check_imagenet_weights("resnet18")
+    assert got == f"download:{tmp_path / 'dl' / 'pytorch_model.bin'}"
+    assert asked == ["model.safetensors", "pytorch_model.bin"]  # timm's order: the safetensors alternative first
+    assert fetched == [(hub_id, "pytorch_model.bin", None)]
+
+
 def test_small_cnn_is_four_7x7_blocks_registered_in_timm():
     import dompre  # noqa: F401
     model = timm.create_model("small_cnn", num_classes=3, in_chans=1)
@@ -256,3 +324,21 @@ def test_clahe_option_equalises_the_images(kvasir, tmp_path):
     ds, _ = prepare_data(_recipe(kvasir, tmp_path / "c", "data.clahe=true", "data.clahe_tiles=4"))
     assert torch.equal(ds[3]["image"], Clahe(2.0, 4, color=True)(plain[3]["image"]))  # the recipe switch applies it
     assert not torch.equal(ds[3]["image"], plain[3]["image"])
+
+
+def test_imagenet_weights_failing_inside_timm_become_one_line(kvasir, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    import dompre.train.finetune as ft
+    import dompre.train.transfer as tr
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # timm's own hub call then fails at once, without the network
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    for mod in (ft, tr):  # as if the check had seen the file, which then went missing before timm read it
+        monkeypatch.setattr(mod, "check_imagenet_weights", lambda arch, timeout=10.0: "cache:gone")
+    r = _recipe(kvasir, tmp_path, "model.init=imagenet")
+    with pytest.raises(FileNotFoundError) as err:
+        build_model(r, 8)
+    msg = str(err.value)
+    assert "\n" not in msg and "loading them failed" in msg and "init=file" in msg and "test_resnet" in msg
+    assert err.value.__cause__ is None and err.value.__suppress_context__

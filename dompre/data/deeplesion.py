@@ -304,6 +304,44 @@ class Ontology:
         return [sorted(pos[p] for p in self.parents[t] if p in pos) for t in label_names]
 
 
+def apply_label_relations(labels: np.ndarray, exclusive: np.ndarray, parents: list[list[int]]) -> np.ndarray:
+    """LesaNet's relational cleaning of text-mined labels (1 relevant, 0 irrelevant, NaN uncertain); a copy.
+
+    As the official loader (rsummers11/CADLab ``LesaNet/dataset_DeepLesion.py`` ``__getitem__``), per lesion:
+
+    1. an uncertain label makes its ancestors uncertain too: a 0 ancestor of a NaN label becomes NaN (a
+       relevant ancestor stays 1);
+    2. every label exclusive with one of the lesion's relevant labels and not relevant itself is a certain
+       negative: it becomes 0, also where it was uncertain (NaN) or was made uncertain by step 1;
+    3. relevant labels stay 1, even when two of them are exclusive with each other (contradictory report text):
+       neither is turned into a negative.
+
+    Differences from the official code: ancestors are the ontology's transitive parents (the official step 1
+    takes one level of ``parents``); uncertain labels stay uncertain in training too (the official training
+    option ``TEXT_MINED_LABEL: RU`` counts them as positives, and then their exclusive labels as negatives).
+
+    Args:
+        labels: (N, L) float matrix over the label names.
+        exclusive: (L, L) bool exclusivity matrix of those names (e.g. from :meth:`Ontology.exclusive_pairs`).
+        parents: per label, the indices of its ancestors among the names (:meth:`Ontology.parent_indices`).
+    """
+    out = np.array(labels, dtype=np.float32, copy=True)
+    if out.ndim != 2 or exclusive.shape != (out.shape[1], out.shape[1]) or len(parents) != out.shape[1]:
+        raise ValueError(f"labels {out.shape}, exclusive {exclusive.shape} and {len(parents)} parent lists "
+                         f"must cover the same labels")
+    pos = out == 1
+    unc = np.isnan(out)
+    for j, ps in enumerate(parents):
+        if ps:
+            rows = unc[:, j]
+            sub = out[np.ix_(rows, ps)]
+            sub[sub == 0] = np.nan
+            out[np.ix_(rows, ps)] = sub
+    negative = (pos.astype(np.float32) @ np.asarray(exclusive, dtype=np.float32) > 0) & ~pos
+    out[negative] = 0.0
+    return out
+
+
 def _read_ontology_rows(path: Path) -> list[dict]:
     """Rows of the ontology sheet (xlsx via openpyxl) or csv as dicts keyed by column name."""
     if path.suffix.lower() in (".xlsx", ".xlsm"):

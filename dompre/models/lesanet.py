@@ -8,7 +8,7 @@ linear layer initialised to identity) refines the logits.
 
 Any timm architecture with at least five feature stages works as backbone (tests use a tiny one); a dompre
 export folder is passed as ``backbone="local-dir:PATH"`` with ``pretrained=True``. LesaNet's losses (label
-weights, weighted cross-entropy with RHEM, triplet loss) are in :mod:`dompre.train.losses`.
+weights, weighted cross-entropy, relational hard example mining, triplet loss) are in :mod:`dompre.train.losses`.
 """
 from __future__ import annotations
 
@@ -84,10 +84,15 @@ class LesaNet(nn.Module):
             out.append(fc(pooled))
         return torch.cat(out, 1)
 
-    def forward(self, x: torch.Tensor, boxes: torch.Tensor, return_embedding: bool = False):
+    def forward(self, x: torch.Tensor, boxes: torch.Tensor, return_embedding: bool = False, parts: bool = False):
         """Logits (B, L) after score propagation (and, with ``return_embedding``, the lesion embeddings
-        (B, 5 × fc_dim) that :func:`dompre.train.losses.label_triplet_loss` uses)."""
+        (B, 5 × fc_dim) that :func:`dompre.train.losses.label_triplet_loss` uses). ``parts``: a dict with
+        ``logits``, ``class_logits`` (the classifier's, before score propagation: LesaNet's ``class_score1``, where
+        its RHEM term applies) and ``embedding``."""
         emb = self.forward_features(x, boxes)
-        logits = self.spl(self.classifier(self.drop(emb)))
+        class_logits = self.classifier(self.drop(emb))
+        logits = self.spl(class_logits)
+        if parts:
+            return {"logits": logits, "class_logits": class_logits, "embedding": emb}
         return (logits, emb) if return_embedding else logits
 

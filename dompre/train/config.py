@@ -67,7 +67,7 @@ class OptimConfig:
 class LossConfig:
     focal_gamma: float = 2.0  # focal loss gamma (0 = weighted BCE)
     max_label_weight: float = 20.0  # cap of the per-label frequency weights (dompre.train.losses.label_weights)
-    hard_fraction: float = 0.0  # RHEM: average only this share of the hardest label pairs of a batch (0 = off)
+    hard_fraction: float = 0.0  # top-k hard mining: average only this share of the hardest label pairs (0 = off)
 
 
 def _override_of(shared: type, name: str) -> type:

@@ -7,15 +7,23 @@ initialisation, and which transfer strategy:
   ``timm.create_model('local-dir:DIR', pretrained=True, num_classes=K)``); ``file`` (any weights file, loaded through
   timm's ``pretrained_cfg_overlay=dict(file=...)`` so its checkpoint filters and ``in_chans`` adaptation apply, or
   else as a safetensors / ``torch.load(weights_only=True)`` state dict, non-strictly, without the classifier);
-  ``imagenet`` (timm ``pretrained=True``; stops at once when the weights are neither cached nor reachable);
+  ``imagenet`` (timm ``pretrained=True``; weights not cached are downloaded first, and it stops with one line when
+  offline or when that download fails);
   ``meanvar`` (``model.weights``, or ImageNet when unset, then every layer redrawn with its mean and std). See
   :mod:`dompre.train.transfer` for these and ``train.freeze_until``, ``train.head_l1`` / ``head_l2`` and the
   convergence speed (``metrics.json`` ``convergence.best_epoch``: the epoch of the best validation score).
 - ``train.strategy``: ``finetune`` (gradient training, with ``train.freeze`` percent of the layers frozen) or
   ``features`` (pooled features of the frozen model into scikit-learn logistic regression or linear SVM; layer,
   pooling, scales and PCA / VLAD encoding: :mod:`dompre.train.features`).
-- LesaNet options: ``train.rhem`` (hard lesion-label pairs only), ``train.triplet_weight`` (triplet loss on the
-  lesion embeddings), ``train.box_augment`` (patch and box shifted, scaled and flipped together).
+- LesaNet options: ``train.rhem`` (relational hard example mining: ``train.rhem_samples`` reliable lesion-label
+  pairs drawn with probability ``∝ |p - y| ** train.rhem_power``, their cross-entropy added with weight
+  ``train.rhem_weight``; the reliable negatives come from ``data.ontology``'s exclusive relations:
+  :class:`dompre.train.losses.RelationalHardExampleMining`), ``train.triplet_weight`` (triplet loss on the lesion
+  embeddings), ``train.box_augment`` (patch and box shifted, scaled and flipped together).
+- ``data.ontology`` with ``data.kind=lesanet``: the labels are cleaned with the ontology as LesaNet's loader does
+  (every split): a label exclusive with one of the lesion's relevant labels is a certain negative (0, also where
+  it was uncertain), the ancestors of an uncertain label are uncertain (NaN) unless relevant
+  (:func:`dompre.data.deeplesion.apply_label_relations`); predictions expand to parents before scoring.
 - **Layers** (for ``freeze``): the parameterised modules (modules that own parameters directly), in registration
   order, of the backbone: for LesaNet its ``backbone``; for timm models every one registered before
   ``get_classifier()``. Freezing X% freezes the first ``floor(X / 100 × n_layers)`` of them (their parameters stop
@@ -56,7 +64,7 @@ from torchvision.transforms import v2
 import dompre.models  # noqa: F401  (registers MAKNet and the baselines with timm)
 from dompre._io import atomic_open, write_atomic
 from dompre.checkpoint import read_weights
-from dompre.data.deeplesion import load_ontology
+from dompre.data.deeplesion import Ontology, apply_label_relations, load_ontology
 from dompre.data.downstream import BoxAugment, Clahe, build_dataset, make_splits
 from dompre.errors import UserError
 from dompre.models.lesanet import LesaNet
@@ -66,10 +74,11 @@ from dompre.data.prep import InputPrep
 from dompre.train.engine import (Items, Position, StreamSampler, batch_loader, create_optimizer,
                                  create_scheduler, epoch_steps, fit, forward, infer, make_accelerator, make_loader)
 from dompre.train.features import extract, fit_encoding, fit_linear, linear_scores
-from dompre.train.losses import WeightedFocalLoss, label_triplet_loss, label_weights
+from dompre.train.losses import RelationalHardExampleMining, WeightedFocalLoss, label_triplet_loss, label_weights
 from dompre.train.metrics import auc_micro, choose_thresholds, classification_report, lesanet_eval
+from dompre.train.pseudo_label import exclusive_matrix
 from dompre.train.transfer import (check_imagenet_weights, check_options, classification_block, convergence,
-                                   freeze_until, head_penalty, meanvar_redraw, val_score)
+                                   freeze_until, head_penalty, imagenet_load_error, meanvar_redraw, val_score)
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +89,8 @@ class DataConfig:
     root: str = field(default="data/kvasir", metadata=PATH)  # dataset folder (see dompre.data.downstream)
     labels_json: str | None = field(default=None, metadata=PATH)  # lesanet: text_mined_labels_171_and_split.json
     terms: tuple[str, ...] = ()  # lesanet: label subset (empty = the whole term list)
-    ontology: str | None = field(default=None, metadata=PATH)  # lesanet: ontology xlsx/csv; predictions expand
-    #                                                              to parents before scoring (LesaNet protocol)
+    ontology: str | None = field(default=None, metadata=PATH)  # lesanet: ontology xlsx/csv; labels exclusive with
+    #   a relevant one become 0, uncertain ones spread to their parents, predictions expand to parents (LesaNet)
     image_size: int = 224  # input side in pixels (LesaNet: 120)
     channels: int = 3  # 3 = grayscale repeated; 1 = model built with in_chans=1 (timm adapts the first conv)
     val_fraction: float = 0.1  # share carved for val when the dataset has no (or a tiny) val split
@@ -122,8 +131,10 @@ class TrainConfig:
     save_features: bool = False  # write test-set features to features.npz (dompre study --tsne)
     head_l1: float = 0.0  # L1 penalty on the classification block's parameters (Hicks et al.)
     head_l2: float = 0.0  # L2 penalty on the classification block's parameters
-    rhem: bool = False  # LesaNet relational hard example mining: the hardest lesion-label pairs only
-    rhem_fraction: float = 0.5  # share of the batch's certain lesion-label pairs kept by RHEM
+    rhem: bool = False  # LesaNet relational hard example mining (needs data.ontology: its reliable negatives)
+    rhem_weight: float = 1.0  # weight of the RHEM term added to the loss (LesaNet config.yml RHEM_LOSS_WT)
+    rhem_samples: int = 10000  # reliable lesion-label pairs drawn per batch, with replacement (RHEM_BATCH_SIZE)
+    rhem_power: float = 2.0  # draw probability ∝ |p - y| ** rhem_power (RHEM_POWER; 0 = uniform)
     triplet_weight: float = 0.0  # LesaNet triplet loss on the lesion embeddings (0 = off)
     triplet_margin: float = 0.1
     box_augment: bool = False  # LesaNet: random shift/scale/flip of patch and lesion box together
@@ -226,6 +237,14 @@ def build_model(recipe: FinetuneRecipe, num_classes: int) -> tuple[nn.Module, di
             return LesaNet(num_classes, name, in_chans=c, drop_rate=m.drop_rate, **kw, **extra)
         return timm.create_model(name, num_classes=num_classes, in_chans=c, drop_rate=m.drop_rate, **kw, **extra)
 
+    if m.init == "imagenet":
+        try:
+            return create(), info
+        except Exception as e:  # the hub or url failing under timm: one line; anything else keeps its traceback
+            err = imagenet_load_error(m.arch, e)
+            if err is None:
+                raise
+            raise err from None
     if m.init != "file":
         return create(), info
     try:
@@ -292,17 +311,23 @@ class FinetuneTask(nn.Module):
     :class:`~dompre.train.student.NoisyStudentTask` is pretraining's."""
 
     def __init__(self, model: nn.Module, prep: InputPrep, loss_fn, t: TrainConfig,
-                 progress: "EpochProgress") -> None:
+                 progress: "EpochProgress", rhem: RelationalHardExampleMining | None = None) -> None:
         super().__init__()
         self.model, self.prep, self.loss_fn, self.t, self.progress = model, prep, loss_fn, t, progress
+        self.rhem = rhem
 
     def forward(self, batch: dict) -> dict:
         x, target = self.prep(batch["image"]), batch["target"]
-        if self.t.triplet_weight:
-            logits, emb = self.model(x, batch["box"], return_embedding=True)
-            task = self.loss_fn(logits.float(), target)
-            triplet = label_triplet_loss(emb.float(), target, self.t.triplet_margin)
-            out = {"task_loss": task, "triplet_loss": triplet, "loss": task + self.t.triplet_weight * triplet}
+        if self.t.triplet_weight or self.rhem is not None:
+            parts = self.model(x, batch["box"], parts=True)
+            task = self.loss_fn(parts["logits"].float(), target)
+            out = {"task_loss": task, "loss": task}
+            if self.t.triplet_weight:
+                out["triplet_loss"] = label_triplet_loss(parts["embedding"].float(), target, self.t.triplet_margin)
+                out["loss"] = out["loss"] + self.t.triplet_weight * out["triplet_loss"]
+            if self.rhem is not None:  # on the classifier's logits, before score propagation, as LesaNet
+                out["rhem_loss"] = self.rhem(parts["class_logits"], target)
+                out["loss"] = out["loss"] + self.t.rhem_weight * out["rhem_loss"]
         else:
             task = self.loss_fn(forward(self.model, x, batch).float(), target)
             out = {"task_loss": task, "loss": task}
@@ -361,7 +386,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def _loss_fn(task: str, train_labels: np.ndarray, class_weights: bool, rhem: float = 0.0):
+def _loss_fn(task: str, train_labels: np.ndarray, class_weights: bool):
     if task == "multiclass":
         y = torch.from_numpy(train_labels)
         w = None
@@ -371,7 +396,12 @@ def _loss_fn(task: str, train_labels: np.ndarray, class_weights: bool, rhem: flo
         return lambda logits, labels: F.cross_entropy(logits, labels.argmax(1),
                                                       weight=None if w is None else w.to(logits))
     w_pos, w_neg = label_weights(train_labels) if class_weights else (None, None)
-    return WeightedFocalLoss(w_pos, w_neg, gamma=0.0, hard_fraction=rhem)  # gamma 0: weighted BCE
+    return WeightedFocalLoss(w_pos, w_neg, gamma=0.0)  # gamma 0: weighted BCE
+
+
+def _exclusive(ontology: Ontology, names: list[str]) -> np.ndarray:
+    """(L, L) bool exclusivity matrix of ``names`` in ``ontology``."""
+    return exclusive_matrix(ontology.exclusive_pairs(names), len(names))
 
 
 def train_model(recipe: FinetuneRecipe, ds, splits: dict, seed: int, accelerator, state_dir: Path) -> dict:
@@ -399,9 +429,12 @@ def train_model(recipe: FinetuneRecipe, ds, splits: dict, seed: int, accelerator
     sched = create_scheduler(opt, t.epochs * per_process, kind=t.sched, lr_min=0.0,
                              milestones=[e * per_process for e in t.step_epochs], gamma=t.gamma)
     loss_fn = _loss_fn(ds.task, ds.labels[splits["train"]], t.class_weights)
-    train_loss_fn = _loss_fn(ds.task, ds.labels[splits["train"]], t.class_weights, t.rhem_fraction if t.rhem else 0)
+    rhem = None
+    if t.rhem:
+        rhem = RelationalHardExampleMining(_exclusive(load_ontology(recipe.data.ontology), ds.label_names),
+                                           t.rhem_samples, t.rhem_power)
     progress = EpochProgress()
-    task = FinetuneTask(model, prep, train_loss_fn, t, progress)
+    task = FinetuneTask(model, prep, loss_fn, t, progress, rhem)
     plain = Items(ds)
 
     def validate(epoch: int) -> dict:
@@ -503,6 +536,10 @@ def prepare_data(recipe: FinetuneRecipe):
     if d.clahe:
         kw["transform"] = Clahe(d.clahe_clip, d.clahe_tiles, color=d.kind == "kvasir")
     ds = build_dataset(d.kind, d.root, **kw)
+    if d.kind == "lesanet" and d.ontology:  # LesaNet's relational label cleaning (every split, as its loader)
+        ontology = load_ontology(d.ontology)
+        ds.labels = apply_label_relations(ds.labels, _exclusive(ontology, ds.label_names),
+                                          ontology.parent_indices(ds.label_names))
     splits = make_splits(ds, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed,
                          folds=d.folds, fold=d.fold, min_val=d.min_val)
     for name in ("train", "test"):

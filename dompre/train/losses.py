@@ -1,11 +1,13 @@
-"""The multi-label losses of pretraining and fine-tuning: LesaNet's label weights, one weighted (focal) loss, and
-LesaNet's label-set triplet loss.
+"""The multi-label losses of pretraining and fine-tuning: LesaNet's label weights, one weighted (focal) loss,
+LesaNet's relational hard example mining and its label-set triplet loss.
 
 Labels are a float matrix with 1 (relevant), 0 (irrelevant), soft values in between (pseudo-labels) and NaN
 (uncertain / unknown). :func:`label_weights` gives each label a positive and a negative weight from its frequency;
 :class:`WeightedFocalLoss` is the one weighted loss (``gamma=0``: weighted binary cross-entropy; ``hard_fraction``:
-relational hard example mining). Every caller (the Noisy Student stages, pseudo-label pretraining, fine-tuning)
-uses these, so the weights and the loss mean the same thing everywhere.
+top-k hard example mining). Every caller (the Noisy Student stages, pseudo-label pretraining, fine-tuning)
+uses these, so the weights and the loss mean the same thing everywhere. :class:`RelationalHardExampleMining`
+is LesaNet's RHEM term (fine-tuning's ``train.rhem``): hard pairs sampled among the reliable ones, which the label
+ontology's exclusive relations define (:func:`reliable_pairs`).
 """
 from __future__ import annotations
 
@@ -74,11 +76,11 @@ class WeightedFocalLoss(nn.Module):
         pos_weight: (L,) weight of positive targets (None: 1), e.g. from :func:`label_weights`.
         neg_weight: (L,) weight of negative targets (None: 1).
         gamma: focal exponent; 0 gives weighted binary cross-entropy.
-        hard_fraction: 0 (off) or a share in (0, 1]: relational hard example mining (RHEM, LesaNet). Every
-            known lesion-label pair of the batch is an example; only the ``ceil(hard_fraction × known pairs)``
-            pairs with the largest weighted loss are averaged, so the easy pairs (most negatives) stop drowning
-            the hard ones. 1 equals no mining. (LesaNet's code instead samples pairs with probability growing
-            with ``|p - y|²`` and adds that as a second loss; the top-k here is the deterministic form.)
+        hard_fraction: 0 (off) or a share in (0, 1]: top-k hard example mining over every known lesion-label
+            pair of the batch: only the ``ceil(hard_fraction × known pairs)`` pairs with the largest weighted loss
+            are averaged, so the easy pairs (most negatives) stop drowning the hard ones. 1 equals no mining. This
+            is the pretraining recipes' ``loss.hard_fraction``; it is not LesaNet's relational mining (that one
+            needs the ontology and samples among reliable pairs only: :class:`RelationalHardExampleMining`).
 
     Soft targets in [0, 1] are allowed; their weight interpolates between ``neg_weight`` and ``pos_weight``.
     Without mining the result is the weighted sum divided by the number of known entries.
@@ -120,6 +122,69 @@ class WeightedFocalLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, hard_fraction={self.hard_fraction}, weighted={self.pos_weight is not None}"
+
+
+def reliable_pairs(target: torch.Tensor, exclusive: torch.Tensor | None) -> torch.Tensor:
+    """The lesion-label pairs whose target LesaNet trusts: (B, L) bool.
+
+    Text-mined labels miss findings the report does not mention, so a plain 0 is an unreliable negative. Reliable
+    are the positives (target > 0.5) and, from the ontology, every label exclusive with one of the lesion's
+    positives that is not itself positive (a liver lesion is not in the lung): LesaNet's ``ex_target`` in
+    ``dataset_DeepLesion.py`` and ``rhem_wt`` in ``my_process.py`` (rsummers11/CADLab). Uncertain (NaN) pairs are
+    never reliable, unless an exclusive relation makes them negatives, which
+    :func:`dompre.data.deeplesion.apply_label_relations` has already written as 0 into the targets.
+
+    Args:
+        target: (B, L) targets, 1 / 0 / NaN.
+        exclusive: (L, L) bool exclusivity matrix (symmetric), or None (then only the positives are reliable).
+    """
+    pos = torch.nan_to_num(target.float(), nan=0.0) > 0.5
+    if exclusive is None:
+        return pos
+    ex = (pos.float() @ exclusive.to(device=target.device, dtype=torch.float32)) > 0
+    return pos | (ex & ~pos & ~torch.isnan(target))
+
+
+class RelationalHardExampleMining(nn.Module):
+    """LesaNet's relational hard example mining (RHEM, Yan et al. 2019), an extra loss term.
+
+    As the official code (rsummers11/CADLab ``LesaNet/my_loss.py`` ``CeLossRhem``, ``config.yml`` ``RHEM_POWER: 2``,
+    ``RHEM_BATCH_SIZE: 10000``, ``RHEM_LOSS_WT: 1``): among the batch's reliable lesion-label pairs
+    (:func:`reliable_pairs`), ``samples`` pairs are drawn with replacement with probability proportional to
+    ``|p - y| ** power`` (``p`` the sigmoid of the logit: a confident mistake is drawn most often, a pair already
+    right almost never), and the loss is their mean unweighted binary cross-entropy. The caller adds it to the
+    task loss with ``train.rhem_weight``. A batch without a reliable pair, or with every reliable pair already
+    exact, gives 0 (with a gradient of 0).
+
+    Args:
+        exclusive: (L, L) bool exclusivity matrix of the labels (from the ontology), or None.
+        samples: pairs drawn per batch (LesaNet: 10,000 from its 128 × 171 pairs).
+        power: exponent of ``|p - y|`` (LesaNet: 2; 0 draws the reliable pairs uniformly).
+    """
+
+    def __init__(self, exclusive: np.ndarray | torch.Tensor | None, samples: int = 10000, power: float = 2.0) -> None:
+        super().__init__()
+        if samples < 1 or power < 0:
+            raise ValueError(f"RHEM samples={samples} (>= 1) and power={power} (>= 0)")
+        ex = None if exclusive is None else torch.as_tensor(np.asarray(exclusive, dtype=bool))
+        self.register_buffer("exclusive", ex)
+        self.samples, self.power = int(samples), float(power)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``logits`` and ``target`` (B, L) -> scalar loss."""
+        logits = logits.float()
+        reliable = reliable_pairs(target, self.exclusive)
+        y = torch.nan_to_num(target.float(), nan=0.0).flatten()
+        with torch.no_grad():
+            gap = (torch.sigmoid(logits).flatten() - y).abs()
+            w = torch.where(reliable.flatten(), gap.pow(self.power), 0.0)  # 0 ** 0 = 1: power 0 is uniform
+        if not bool((w > 0).any()):
+            return logits.sum() * 0.0
+        idx = torch.multinomial(w, self.samples, replacement=True)
+        return nn.functional.binary_cross_entropy_with_logits(logits.flatten()[idx], y[idx])
+
+    def extra_repr(self) -> str:
+        return f"samples={self.samples}, power={self.power}, relational={self.exclusive is not None}"
 
 
 def label_triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.1) -> torch.Tensor:

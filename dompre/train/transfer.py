@@ -2,9 +2,10 @@
 classification-block regularisation and convergence speed.
 
 - :func:`check_imagenet_weights`: ``model.init=imagenet`` loads timm's pretrained weights (``pretrained=True``).
-  Before anything is built, the weights must be in the local cache (Hugging Face hub or torch hub) or the hub
-  must be reachable; otherwise it stops at once with one line that says how to get them (or to use
-  ``init=file``), instead of timm's minute of retries.
+  Before anything is built, the weights are looked up in the local cache (Hugging Face hub or torch hub); when
+  missing they are downloaded into it then, by huggingface_hub itself (no probe of our own); offline
+  (``HF_HUB_OFFLINE``) or when the download fails it stops with one line that says how to get them (or to use
+  ``init=file``), instead of timm's minute of retries and traceback.
 - :func:`meanvar_redraw`: ``model.init=meanvar`` (Kierzynka 2019's control for the "feature-independent benefit of
   transfer"): every parameter tensor of every layer is redrawn from a normal distribution with the mean and
   standard deviation of the pretrained tensor; the scaling of each layer is kept, its features are destroyed.
@@ -22,56 +23,116 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import huggingface_hub as hf
+import huggingface_hub.errors as hf_errors
+from huggingface_hub import constants as hf_constants
 import numpy as np
+import timm
 import torch
 import torch.nn as nn
+from sklearn.metrics import matthews_corrcoef
 
 from dompre.errors import UnknownName, UserError
+from dompre.train.metrics import lesanet_eval
 
 if TYPE_CHECKING:
     from dompre.train.finetune import FinetuneRecipe
 
 
 # ------------------------------------------------------------------------------------------ imagenet init
+def _hub_files(cfg: dict) -> list[str]:
+    """The hub files timm's ``pretrained=True`` reads for ``cfg``, in its order (``timm/models/_hub.py``
+    ``load_state_dict_from_hf``: a ``.safetensors`` alternative of a ``.bin`` name first)."""
+    name = cfg.get("hf_hub_filename") or "pytorch_model.bin"
+    if name.endswith(".safetensors"):
+        return [name]
+    safe = {"pytorch_model.bin": "model.safetensors", "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}
+    alt = safe.get(name) or (name[:-4] + ".safetensors" if name.endswith(".bin") else None)
+    return [n for n in (alt, name) if n]
+
+
+def _hub_repo(cfg: dict) -> tuple[str, str | None]:
+    repo, _, revision = cfg["hf_hub_id"].partition("@")
+    return repo, revision or None
+
+
+def _url_file(cfg: dict) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg["url"].split("?")[0])
+
+
 def _cached_weights(cfg: dict) -> str | None:
     """Path of the cached pretrained weights of a timm pretrained cfg, or None."""
-    hub_id = cfg.get("hf_hub_id")
-    if hub_id:
-        from huggingface_hub import try_to_load_from_cache
-        names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else [
-            "model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        for name in names:
-            hit = try_to_load_from_cache(hub_id, name)
+    if cfg.get("hf_hub_id"):
+        repo, revision = _hub_repo(cfg)
+        for name in _hub_files(cfg):
+            hit = hf.try_to_load_from_cache(repo, name, revision=revision)
             if isinstance(hit, str):
                 return hit
-    url = cfg.get("url")
-    if url:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url.split("?")[0])
-        if path.is_file():
-            return str(path)
+    if cfg.get("url") and _url_file(cfg).is_file():
+        return str(_url_file(cfg))
     return None
 
 
-def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
+def _offline() -> bool:
+    """``HF_HUB_OFFLINE`` set (read now, and as huggingface_hub read it at import)."""
+    return (os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+            or bool(hf_constants.HF_HUB_OFFLINE))
+
+
+def _fetch(cfg: dict, timeout: float) -> str:
+    """Download the weights into the cache timm reads, now; returns the file. The first request of the hub path is
+    huggingface_hub's own metadata request, made once with ``timeout`` (``hf_hub_download`` alone would retry an
+    unreachable hub for a minute when nothing is cached); a file the repository lacks is skipped, as timm skips a
+    missing safetensors alternative."""
+    if cfg.get("hf_hub_id"):
+        missing = getattr(hf_errors, "RemoteEntryNotFoundError", hf_errors.EntryNotFoundError)
+        repo, revision = _hub_repo(cfg)
+        names = _hub_files(cfg)
+        for name in names:
+            try:
+                hf.get_hf_file_metadata(hf.hf_hub_url(repo, name, revision=revision), timeout=timeout)
+            except missing:
+                if name == names[-1]:
+                    raise
+                continue
+            return hf.hf_hub_download(repo, name, revision=revision)
+    dst = _url_file(cfg)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # torch.hub's urlopen takes no timeout of its own
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        torch.hub.download_url_to_file(cfg["url"], str(dst), progress=False)
+    finally:
+        socket.setdefaulttimeout(old)
+    return str(dst)
 
 
-def check_imagenet_weights(arch: str) -> str:
-    """Where timm will load ``arch``'s pretrained weights from (``cache:PATH`` or ``download``).
+def _no_weights(arch: str, cfg: dict, why: str) -> FileNotFoundError:
+    where = cfg.get("hf_hub_id") or cfg.get("url")
+    return FileNotFoundError(
+        f"model.init=imagenet: the pretrained weights of {arch} ({where}) are not in the local cache and {why}; "
+        f"fetch them once on a machine online (python -c \"import timm; timm.create_model('{arch}', "
+        f"pretrained=True)\") and copy the cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}), or use "
+        f"model.init=file model.weights=FILE")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+def check_imagenet_weights(arch: str, timeout: float = 10.0) -> str:
+    """Make ``arch``'s pretrained weights available to timm's ``pretrained=True``: ``cache:PATH`` when they are in
+    the local cache (Hugging Face hub cache, or torch hub for url-only weights), else ``download:PATH`` after
+    downloading them into that cache now, so a study stops before its first cell rather than at its first
+    ImageNet cell.
 
     Raises:
-        FileNotFoundError: ``arch`` has no pretrained weights in timm, or they are not cached and the hub cannot be
-            reached (one line: how to fetch them, or use ``model.init=file``).
+        FileNotFoundError: ``arch`` has no pretrained weights in timm, or they are not cached and ``HF_HUB_OFFLINE``
+            is set (at once, no network request), or the download failed (after one request of at most
+            ``timeout`` seconds when the hub cannot be reached). One line: how to fetch them, or use
+            ``model.init=file``.
     """
-    import timm
-
-    import dompre  # noqa: F401
     cfg = timm.models.get_pretrained_cfg(arch)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise FileNotFoundError(f"model.init=imagenet: timm has no pretrained weights for model.arch={arch!r}; "
@@ -80,14 +141,22 @@ def check_imagenet_weights(arch: str) -> str:
     hit = _cached_weights(cfg)
     if hit:
         return f"cache:{hit}"
-    if _hub_reachable():
-        return "download"
-    where = cfg.get("hf_hub_id") or cfg.get("url")
-    raise FileNotFoundError(
-        f"model.init=imagenet: the pretrained weights of {arch} ({where}) are not in the local cache and the hub "
-        f"cannot be reached; fetch them once on a machine online (python -c \"import timm; timm.create_model("
-        f"'{arch}', pretrained=True)\") and copy the cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}), "
-        f"or use model.init=file model.weights=FILE")
+    if _offline():
+        raise _no_weights(arch, cfg, "HF_HUB_OFFLINE is set")
+    try:
+        return f"download:{_fetch(cfg, timeout)}"
+    except Exception as e:  # any failure of the download (network, HTTP, disk): one line, no traceback
+        raise _no_weights(arch, cfg, f"downloading them failed ({_one_line(e)})") from None
+
+
+def imagenet_load_error(arch: str, e: BaseException) -> FileNotFoundError | None:
+    """The one-line error for an exception timm's ``pretrained=True`` raised while getting ``arch``'s weights from
+    the hub or a url (None for any other exception, which keeps its traceback)."""
+    http = getattr(hf_errors, "HTTPError", OSError)
+    if not isinstance(e, (OSError, http)):
+        return None
+    cfg = timm.models.get_pretrained_cfg(arch)
+    return _no_weights(arch, cfg.to_dict() if cfg else {}, f"loading them failed ({_one_line(e)})")
 
 
 def check_options(recipe: "FinetuneRecipe") -> None:
@@ -103,8 +172,12 @@ def check_options(recipe: "FinetuneRecipe") -> None:
     if t.rhem and recipe.data.kind != "lesanet":
         raise UserError(f"train.rhem mines lesion-label pairs of a multi-label task: use data.kind=lesanet, "
                          f"not {recipe.data.kind}")
-    if not 0 < t.rhem_fraction <= 1:
-        raise UserError(f"train.rhem_fraction={t.rhem_fraction}: a share in (0, 1]")
+    if t.rhem and not recipe.data.ontology:
+        raise UserError("train.rhem needs data.ontology (lesion_ontology_181022.xlsx): its exclusive relations give "
+                        "RHEM's reliable negatives")
+    if t.rhem_weight < 0 or t.rhem_samples < 1 or t.rhem_power < 0:
+        raise UserError(f"train.rhem_weight={t.rhem_weight} (>= 0), train.rhem_samples={t.rhem_samples} (>= 1) and "
+                        f"train.rhem_power={t.rhem_power} (>= 0)")
     if any(s < 8 for s in t.feature_scales):
         raise UserError(f"train.feature_scales={list(t.feature_scales)}: input sides in pixels (>= 8)")
     if m.init == "imagenet" or (m.init == "meanvar" and not m.weights):
@@ -175,9 +248,6 @@ def classification_block(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------------ convergence
 def val_score(task: str, scores: np.ndarray, labels: np.ndarray) -> float:
     """Validation score of an epoch: MCC (single-label) or mean per-label AUC (multi-label, LesaNet protocol)."""
-    from sklearn.metrics import matthews_corrcoef
-
-    from dompre.train.metrics import lesanet_eval
     if not len(scores):
         return float("nan")
     if task == "multiclass":
