@@ -203,7 +203,7 @@ def phase_loader(unlabeled: Path, labeled: Path, size: int, workers: int, steps:
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    first.wait()  # main's own pages are counted before workers share them (its PSS peak is then its RSS's)
+    first.wait()  # main is sampled once before its workers are forked (and share, so split, its pages)
     done, t0 = 0, time.perf_counter()
     while done < steps:
         for sampler in data.samplers:
