@@ -85,3 +85,58 @@ def test_per_label_thresholds():
     prob = np.array([[0.8, 0.7, 0.6]], np.float16)
     kept = select_labels(idx, prob, np.array([0.9, 0.5, 0.5]), 15)  # label 0 needs > 0.9 now
     np.testing.assert_array_equal(kept, [[False, True, True]])
+
+
+def test_rule_on_one_input_equals_rule_on_all_and_the_plain_walk():
+    """select_labels walks one input (a worker's target) and many (the parent's pass) by two code paths; both
+    equal the rule walked label by label, with exclusivity in either direction."""
+    rng = np.random.default_rng(3)
+    n, n_labels, k = 400, 12, 6
+    idx = np.stack([rng.permutation(n_labels)[:k] for _ in range(n)]).astype(np.int16)
+    prob = np.sort(rng.random((n, k)), 1)[:, ::-1].astype(np.float16)
+    exclusive = rng.random((n_labels, n_labels)) < 0.25  # not symmetric: [earlier, later] is what counts
+    thr = rng.uniform(0.2, 0.6, n_labels)
+    for threshold, top_k, ex in ((0.3, 4, exclusive), (thr, 6, exclusive), (0.5, 3, None)):
+        many = select_labels(idx, prob, threshold, top_k, ex)
+        one = np.concatenate([select_labels(idx[i:i + 1], prob[i:i + 1], threshold, top_k, ex) for i in range(n)])
+        want = np.zeros((n, k), bool)
+        for i in range(n):
+            for p in range(min(top_k, k)):
+                t = threshold[idx[i, p]] if np.ndim(threshold) else threshold
+                clash = ex is not None and any(want[i, q] and ex[idx[i, q], idx[i, p]] for q in range(p))
+                want[i, p] = float(prob[i, p]) > np.float32(t) and not clash
+        np.testing.assert_array_equal(many, want)
+        np.testing.assert_array_equal(one, want)
+
+
+def test_balance_weights_of_parts_equal_the_whole():
+    rng = np.random.default_rng(4)
+    idx = np.stack([rng.permutation(9)[:4] for _ in range(200)])
+    kept = rng.random((200, 4)) < 0.4
+    counts = np.bincount(idx[kept], minlength=9)
+    parts = np.concatenate([balance_weights(idx[s:s + 64], kept[s:s + 64], 9, counts) for s in range(0, 200, 64)])
+    np.testing.assert_array_equal(parts, balance_weights(idx, kept, 9))
+
+
+def test_damaged_or_missing_shards_are_named(tmp_path):
+    import pytest
+
+    from dompre.errors import UserError
+    write_chunk(tmp_path, 0, 2, np.zeros((2, 3), np.int16), np.zeros((2, 3), np.float16))
+    (tmp_path / "index.json").write_text(json.dumps({"num_inputs": 2, "chunk_size": 2, "top_k": 3,
+                                                     "label_names": ["a", "b", "c"]}))
+    np.testing.assert_array_equal(PseudoLabels(tmp_path).row(1)[0], [0, 0, 0])
+    prob = tmp_path / "topk-000000000-000000002.prob.npy"
+    np.save(prob, np.zeros((2, 3), np.float32))  # another dtype
+    with pytest.raises(UserError, match="prob.npy.*float16"):
+        PseudoLabels(tmp_path)
+    np.save(prob, np.zeros((3, 3), np.float16))  # another shape
+    with pytest.raises(UserError, match=r"\(3, 3\) where \(2, 3\)"):
+        PseudoLabels(tmp_path)
+    np.save(prob, np.zeros((2, 3), np.float16))
+    prob.write_bytes(prob.read_bytes()[:-4])  # truncated
+    with pytest.raises(UserError, match="in 136 bytes"):
+        PseudoLabels(tmp_path)
+    prob.unlink()
+    with pytest.raises(FileNotFoundError, match="prob.npy is missing"):
+        PseudoLabels(tmp_path)

@@ -188,3 +188,123 @@ def test_unkept_top_k_labels_negative_soft_or_ignored(stores):
     assert np.isnan(got["ignore"][1]).all() and np.isnan(got["ignore"][0][:2]).all()
     with pytest.raises(ValueError, match="unkept"):
         pseudo_rows(pl, PseudoConfig(unkept="maybe"), None)
+
+
+# ------------------------------------------------ the pseudo stream, pinned (values of the dense-array reading)
+def _digest(a) -> str:
+    import hashlib
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
+
+
+@pytest.fixture()
+def pinned(tmp_path):
+    """300 unlabeled inputs in 5 shards of top-5 over 8 labels, a 40-input labeled store (seeded)."""
+    n, n_labels, k, chunk = 300, 8, 5, 64
+    rng = np.random.default_rng(7)
+    idx = np.stack([rng.permutation(n_labels)[:k] for _ in range(n)]).astype(np.int16)
+    prob = np.sort(rng.random((n, k)), 1)[:, ::-1].astype(np.float16)
+    for s in range(0, n, chunk):
+        write_chunk(tmp_path / "pl", s, min(s + chunk, n), idx[s:s + chunk], prob[s:s + chunk])
+    names = [f"l{j}" for j in range(n_labels)]
+    (tmp_path / "pl" / "index.json").write_text(json.dumps({"num_inputs": n, "chunk_size": chunk, "top_k": k,
+                                                            "label_names": names}))
+    with StoreWriter(tmp_path / "unl", image_size=8) as w:
+        for i in range(n):
+            w.add(np.full((3, 8, 8), i % 256, np.uint8))
+        w.commit_unit("all")
+    with StoreWriter(tmp_path / "lab", image_size=8, label_names=names) as w:
+        for i in range(40):
+            w.add(np.full((3, 8, 8), i, np.uint8), labels=(rng.random(n_labels) < 0.3).astype(np.float32))
+        w.commit_unit("all")
+    return PseudoLabels(tmp_path / "pl"), SliceStore(tmp_path / "unl"), SliceStore(tmp_path / "lab")
+
+
+# digests and rows recorded when PseudoLabels held whole (N, K) arrays and PseudoTargets a precomputed kept
+# mask; reading shards one at a time and rows on demand must give the student the very same batches
+PINNED = {
+    "default": dict(cfg=PseudoConfig(), rows=("b7ec3a0857846117", 291), weights=None, targets="68be75bb3a354177",
+                    streams=[("46062b4261d32be6", "bdc94665e1f7b63d"), ("aa3e62756dbd926d", "838c078fc4ccd8de"),
+                             ("f80605df4e3b00a6", "294684edd3511bd9")],
+                    batches=("99a522a76aeaaea6", "d4a9494fe903697c"), per_input=2.584192439862543,
+                    few={0: [1.0, 0.0, 0.392333984375, 0.0, 0.36572265625, 0.0, 0.466796875, 0.4130859375],
+                         65: [1.0, 1.0, 0.0, 0.1610107421875, 0.0, 0.0, 0.22265625, 1.0]}),
+    "paper": dict(cfg=PseudoConfig(threshold=0.6, top_k=3, unkept="negative", balance=True), exclusive=True,
+                  rows=("0c0a8f001c3e64f3", 279), weights="beea2a2d6cbba9e5", targets="11131e461cbf2f2a",
+                  streams=[("46062b4261d32be6", "46ab8a2309c16ef0"), ("aa3e62756dbd926d", "4cb6802a60141fde"),
+                           ("f80605df4e3b00a6", "17b4a36ba1a6ed18")],
+                  batches=("88c5b456874c12db", "956af3d1e1c7af00"), per_input=1.946236559139785,
+                  few={65: [1, 0, 0, 0, 0, 0, 0, 1], 299: [1, 0, 0, 0, 0, 0, 1, 0]}),  # 1 and 2 lost to 0
+    "soft_ignore_all": dict(
+        cfg=PseudoConfig(threshold=0.4, top_k=4, soft=True, unkept="ignore", drop_empty=False,
+                         val_thresholds=True, balance=True), exclusive=True, val=True,
+        rows=("98e038d3a30a9917", 300), weights="aaba52849a8acf58", targets="db341a655f1cd207",
+        streams=[("46062b4261d32be6", "a7dec88e10bc76bc"), ("aa3e62756dbd926d", "ab2aa65a7a1747cf"),
+                 ("f80605df4e3b00a6", "16708a613aded00e")],
+        batches=("5dca4b8db378a67b", "1f0a1ff6b6bc83e7"), per_input=2.07,
+        few={1: [np.nan, 0.0, np.nan, np.nan, 0.0, 0.0, np.nan, np.nan],
+             299: [0.640625, np.nan, 0.5380859375, 0.0, 0.0, 0.0, 0.83984375, np.nan]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PINNED))
+def test_pseudo_rows_targets_and_stream_are_pinned(pinned, case):
+    from dompre.train.pseudo_label import exclusive_matrix
+    pl, unl, lab = pinned
+    want = PINNED[case]
+    exclusive = exclusive_matrix([(0, 1), (2, 5), (3, 4)], 8) if want.get("exclusive") else None
+    val = np.linspace(0.3, 0.7, 8).astype(np.float32) if want.get("val") else None
+    rows, targets, weights, summary = pseudo_rows(pl, want["cfg"], exclusive, val)
+    assert (_digest(rows), len(rows)) == want["rows"] and rows.dtype == np.int64
+    assert (weights is None) if want["weights"] is None else _digest(weights) == want["weights"]
+    assert summary["labels_per_input"] == want["per_input"] and summary["used"] == len(rows)
+    assert _digest(np.stack([targets[r] for r in range(len(pl))])) == want["targets"]
+    for r, t in want["few"].items():
+        np.testing.assert_array_equal(targets[r], np.asarray(t, np.float32))
+    data = build_loaders(lab, np.arange(40), lab.labels, labeled_batch=4, seed=3, stage=2, num_workers=0,
+                         unlabeled_store=unl, pseudo_rows_=rows, pseudo_targets=targets, pseudo_batch=5,
+                         pseudo_weights=weights)
+    for epoch, digests in zip((0, 1, 7), want["streams"]):  # (row, seed) of whole epochs, both loaders
+        for sampler in data.samplers:
+            sampler.set_epoch(epoch)
+        assert tuple(_digest(np.array(list(s), np.int64)) for s in data.samplers) == digests
+    for sampler in data.samplers:
+        sampler.set_epoch(1)
+    pse = [p for _, p in zip(*data.loaders)]
+    assert (_digest(np.concatenate([b["index"].numpy() for b in pse])),
+            _digest(np.concatenate([b["target"].numpy() for b in pse]))) == want["batches"]
+
+
+def test_pseudo_labels_hold_no_per_input_array(pinned):
+    """What a forked loader worker inherits from the parent: the rule's settings and the shards' names."""
+    pl = pinned[0]
+    rows, targets, weights, _ = pseudo_rows(pl, PseudoConfig(balance=True), None)
+    arrays = [v for obj in (pl, targets) for v in vars(obj).values() if isinstance(v, np.ndarray)]
+    assert sum(a.size for a in arrays) <= 8  # at most a per-label threshold
+    idx, prob = pl.row(70)
+    np.testing.assert_array_equal(idx, pl.idx[70])
+    np.testing.assert_array_equal(prob, pl.prob[70])
+    import pickle
+    pl.row(0)
+    assert pl._fds and not pickle.loads(pickle.dumps(pl))._fds  # descriptors are never pickled
+    with pytest.raises(IndexError):
+        pl.row(len(pl))
+
+
+def test_forked_workers_read_the_same_pseudo_batches(pinned):
+    """Workers (which open the shards themselves and give their inherited free heap back as they start) give
+    the pinned batches."""
+    pl, unl, lab = pinned
+    want = PINNED["paper"]
+    from dompre.train.pseudo_label import exclusive_matrix
+    rows, targets, weights, _ = pseudo_rows(pl, want["cfg"], exclusive_matrix([(0, 1), (2, 5), (3, 4)], 8))
+    targets[0]  # the parent has a shard open when it forks
+    data = build_loaders(lab, np.arange(40), lab.labels, labeled_batch=4, seed=3, stage=2, num_workers=2,
+                         unlabeled_store=unl, pseudo_rows_=rows, pseudo_targets=targets, pseudo_batch=5,
+                         pseudo_weights=weights)
+    for sampler in data.samplers:
+        sampler.set_epoch(1)
+    pse = [p for _, p in zip(*data.loaders)]
+    assert (_digest(np.concatenate([b["index"].numpy() for b in pse])),
+            _digest(np.concatenate([b["target"].numpy() for b in pse]))) == want["batches"]
+    import gc
+    gc.unfreeze()

@@ -11,9 +11,12 @@ with ratios measured in this run (min / median / max over ``--repeats`` where re
   wall and CPU time (the CPU time of this process is less disturbed by other jobs on a shared machine);
 - random single-item reads and 64-item batch gathers against the one-shard store (goal <= 1.5);
 - one metadata column, one item's metadata and the whole table: time and resident memory added;
-- peak resident memory (RSS, and PSS: shared pages split between processes) of the main process and the loader
-  workers over ``--steps`` student loader steps (labeled + pseudo-labeled batches with the CPU noise), at the
-  full count and at 1/10 (goal: full / tenth <= 1.1).
+- peak resident memory (RSS, and PSS: shared pages split between processes) of the main process, of the loader
+  workers together and of all of them together (PSS, sampled at one instant) over ``--steps`` student loader
+  steps (labeled + pseudo-labeled batches with the CPU noise), at the full count and at 1/10 (goal: full /
+  tenth <= 1.1). Sampling starts before the first worker is forked. A forked worker's RSS counts every page of
+  its parent it inherited (shared copy-on-write, not copied), so what the parent holds when it forks (per-input
+  arrays, freed heap) shows once in main and again in each worker; PSS splits those pages between them.
 """
 from __future__ import annotations
 
@@ -176,11 +179,11 @@ def phase_loader(unlabeled: Path, labeled: Path, size: int, workers: int, steps:
                          unlabeled_store=unl, pseudo_rows_=rows, pseudo_targets=targets, pseudo_batch=16,
                          pseudo_weights=weights)
     me = psutil.Process()
-    peak = {"main_rss": 0.0, "workers_rss": 0.0, "main_pss": 0.0, "workers_pss": 0.0}
-    per_input = [targets.idx, targets.prob, targets.kept, rows, lab.labels] + [sp.rows for sp in data.samplers]
-    unique = {id(a): a for a in per_input}.values()  # the pseudo sampler holds `rows` itself, not a copy
-    peak["per_input_mb"] = sum(a.nbytes for a in unique) / 2 ** 20  # pseudo-labels, kept mask, rows, labels
-    stop = threading.Event()
+    peak = {"main_rss": 0.0, "workers_rss": 0.0, "main_pss": 0.0, "workers_pss": 0.0, "total_pss": 0.0}
+    held = [lab.labels, *vars(targets).values()] + [a for sp in data.samplers for a in (sp.rows, sp.p)]
+    unique = {id(a): a for a in held if isinstance(a, np.ndarray)}.values()  # a shared array counts once
+    peak["per_input_mb"] = sum(a.nbytes for a in unique) / 2 ** 20  # targets' arrays, sampled rows and weights
+    stop, first = threading.Event(), threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
@@ -194,10 +197,13 @@ def phase_loader(unlabeled: Path, labeled: Path, size: int, workers: int, steps:
             peak["main_pss"] = max(peak["main_pss"], m.pss / 2 ** 20)
             peak["workers_rss"] = max(peak["workers_rss"], sum(k.rss for k in ks) / 2 ** 20)
             peak["workers_pss"] = max(peak["workers_pss"], sum(k.pss for k in ks) / 2 ** 20)
+            peak["total_pss"] = max(peak["total_pss"], (m.pss + sum(k.pss for k in ks)) / 2 ** 20)
+            first.set()
             stop.wait(0.05)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
+    first.wait()  # main is sampled once before its workers are forked (and share, so split, its pages)
     done, t0 = 0, time.perf_counter()
     while done < steps:
         for sampler in data.samplers:
@@ -281,9 +287,11 @@ def main() -> None:
                   f"{args.steps} steps): peak RSS main {_spread([r['main_rss'] for r in rs])} MB, workers "
                   f"{_spread([r['workers_rss'] for r in rs])} MB; PSS main {_spread([r['main_pss'] for r in rs])}"
                   f" MB, workers {_spread([r['workers_pss'] for r in rs])} MB; "
-                  f"{_spread([r['steps_per_s'] for r in rs])} steps/s; per-input arrays the loaders hold "
-                  f"(pseudo-labels, kept mask, rows, labels) {rs[0]['per_input_mb']:.1f} MB")
-        for key in ("main_rss", "workers_rss", "main_pss", "workers_pss") if "loader" in args.parts else ():
+                  f"{_spread([r['steps_per_s'] for r in rs])} steps/s; PSS of all processes together "
+                  f"{_spread([r['total_pss'] for r in rs])} MB; per-input arrays the loaders hold (targets, "
+                  f"sampled rows and weights) {rs[0]['per_input_mb']:.1f} MB")
+        for key in ("main_rss", "workers_rss", "main_pss", "workers_pss", "total_pss") \
+                if "loader" in args.parts else ():
             ratio = [f[key] / t[key] for f, t in zip(runs["full"], runs["tenth"])]
             print(f"loader {key}: full / tenth {_spread(ratio)} (goal <= 1.1)")
         print(f"load average {os.getloadavg()[0]:.2f} at the end")

@@ -8,22 +8,28 @@ Storage, per iteration folder: the un-noised teacher's top-k per input, as ``.np
 ranges ``[start, end)`` of the store, ``topk-<start>-<end>.idx.npy`` (int16 label indices, most confident first)
 and ``.prob.npy`` (float16 probabilities), written atomically; ``index.json`` marks the stage done. The rule is
 applied when reading (:class:`PseudoLabels`), so threshold/top_k/soft can be changed without relabeling.
+Reading holds no per-input array: the shards stay on disk, the parent's passes load them one at a time and a
+loader worker reads an input's top-k with two positioned reads (see :class:`PseudoLabels`).
 Shards are aligned to ``chunk_size`` in global positions and every rank labels one contiguous run of shards, so
 the stored result is the same for any number of processes, and a rerun skips shards already on disk
 (exactly-once: a shard is either complete under its final name or absent).
 """
 from __future__ import annotations
 
+import bisect
 import json
 import logging
+import os
+from collections import OrderedDict
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from accelerate.utils import tqdm
 
 from dompre._io import atomic_open, write_atomic
+from dompre.data.store import _max_open_files
 from dompre.errors import UserError
 from dompre.train.engine import Items, outputs
 
@@ -68,11 +74,22 @@ def select_labels(idx: np.ndarray, prob: np.ndarray, threshold: float | np.ndarr
     if exclusive is None or not exclusive.any():
         return keep
     out = np.zeros_like(keep)
-    for p in range(keep.shape[1]):
-        clash = np.zeros(len(idx), dtype=bool)
-        for q in range(p):
-            clash |= out[:, q] & exclusive[idx[:, q], idx[:, p]]
-        out[:, p] = keep[:, p] & ~clash
+    if len(idx) == 1:  # one input (a loader worker's target): the same walk over its few candidate labels
+        cols = np.flatnonzero(keep[0])
+        clashes = exclusive[np.ix_(idx[0, cols], idx[0, cols])].tolist()  # [earlier][later]
+        chosen: list[int] = []
+        for a in range(len(cols)):
+            if not any(clashes[b][a] for b in chosen):
+                chosen.append(a)
+        out[0, cols[chosen]] = True
+        return out
+    done: list[int] = []  # earlier columns where some input kept a label (only those can clash)
+    for p in np.flatnonzero(keep.any(0)):  # a column no input may keep stays False
+        out[:, p] = keep[:, p]
+        if done:  # drop label p where it is exclusive with a label kept before it
+            out[:, p] &= ~(out[:, done] & exclusive[idx[:, done], idx[:, p:p + 1]]).any(1)
+        if out[:, p].any():
+            done.append(p)
     return out
 
 
@@ -87,16 +104,21 @@ def dense_targets(idx: np.ndarray, prob: np.ndarray, kept: np.ndarray, num_label
     return out
 
 
-def balance_weights(idx: np.ndarray, kept: np.ndarray, num_labels: int) -> np.ndarray:
+def balance_weights(idx: np.ndarray, kept: np.ndarray, num_labels: int,
+                    counts: np.ndarray | None = None) -> np.ndarray:
     """Per-input sampling weights that even out pseudo-label counts (Noisy Student's class balancing).
 
     ``idx`` (N, K) are the inputs' top-k label indices and ``kept`` (N, K) which of them are kept. An input's
     weight is the mean over its kept labels of ``median_count / count(label)``, clipped to [0.1, 10]; inputs
     with no kept label get weight 1. Vectorised: a few passes over the (N, K) arrays, no loop over inputs.
+    ``counts`` (L,): the kept-label counts of the whole set when ``idx``/``kept`` are one part of it (an input's
+    weight depends on its own row and the counts only, so parts give the same weights as the whole).
     """
     idx = np.asarray(idx).astype(np.int64, copy=False)
     kept = np.asarray(kept, dtype=bool)
-    counts = np.bincount(idx[kept], minlength=num_labels).astype(np.float64)
+    if counts is None:
+        counts = np.bincount(idx[kept], minlength=num_labels)
+    counts = np.asarray(counts).astype(np.float64)
     ref = np.median(counts[counts > 0]) if (counts > 0).any() else 1.0
     ratio = np.divide(ref, counts[idx], out=np.zeros(idx.shape), where=kept)
     n_kept = kept.sum(1)
@@ -144,11 +166,17 @@ def write_chunk(folder: Path, start: int, end: int, idx: np.ndarray, prob: np.nd
 
 
 class PseudoLabels:
-    """Reads one iteration's pseudo-labels and applies the rule.
+    """Reads one iteration's pseudo-labels and applies the rule, holding no per-input array.
+
+    The shards stay on disk. The parent's passes over every input (which keep a label, label counts, balancing
+    weights) load them one at a time (:meth:`chunks`); a loader worker reads one input's top-k with two
+    positioned reads (:meth:`row`), so no process holds, and no forked worker inherits, arrays that grow with
+    the store (each worker opens its own files; descriptors are never pickled). The shards' headers are checked
+    when the folder is opened.
 
     Attributes:
-        idx, prob: (N, K) top-k label indices and probabilities over the whole unlabeled store.
         label_names: the labels the indices refer to.
+        stored_k: labels stored per input (K, the labeling pass's top_k).
     """
 
     def __init__(self, folder: str | Path) -> None:
@@ -159,21 +187,122 @@ class PseudoLabels:
                                     "rerun the pretraining command to complete it")
         self.info = json.loads(index.read_text())
         self.label_names: list[str] = list(self.info["label_names"])
-        n, chunk = int(self.info["num_inputs"]), int(self.info["chunk_size"])
-        idx, prob = [], []
-        for s, e in chunk_ranges(n, chunk):
+        self._n = int(self.info["num_inputs"])
+        self._ranges = chunk_ranges(self._n, int(self.info["chunk_size"]))
+        self._starts = [s for s, _ in self._ranges]
+        # per shard: (file, header bytes) of its .idx.npy and .prob.npy
+        self._files: list[tuple[tuple[Path, int], tuple[Path, int]]] = []
+        k = None
+        for s, e in self._ranges:
             base = self.folder / _chunk_name(s, e)
-            idx.append(np.load(base.with_suffix(".idx.npy")))
-            prob.append(np.load(base.with_suffix(".prob.npy")))
-        self.idx = np.concatenate(idx) if idx else np.zeros((0, 1), np.int16)
-        self.prob = np.concatenate(prob) if prob else np.zeros((0, 1), np.float16)
+            pair = []
+            for suffix, dtype in ((".idx.npy", np.int16), (".prob.npy", np.float16)):
+                f = base.with_suffix(suffix)
+                header, shape = _npy_layout(f, dtype)
+                if k is None:
+                    k = shape[1] if len(shape) == 2 else -1
+                if shape != (e - s, k):
+                    raise UserError(f"{f}: holds {shape} where ({e - s}, {k}) was expected (the top-k of inputs "
+                                    f"{s}-{e}); the pseudo-labels are damaged: delete {self.folder} and rerun the "
+                                    "pretraining command to label again")
+                pair.append((f, header))
+            self._files.append((pair[0], pair[1]))
+        self.stored_k = 1 if k is None else int(k)  # no shards: an empty store, (0, 1) as the arrays always were
+        self._fds: OrderedDict[tuple[int, int], int] = OrderedDict()  # LRU: (shard, 0 idx | 1 prob) -> fd
+        self._max_open = _max_open_files()
 
     def __len__(self) -> int:
-        return len(self.idx)
+        return self._n
+
+    def chunks(self) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+        """``(start, end, idx, prob)`` of each stored shard in order, one loaded at a time."""
+        for (s, e), ((fi, _), (fp, _)) in zip(self._ranges, self._files):
+            yield s, e, np.load(fi), np.load(fp)
+
+    @property
+    def idx(self) -> np.ndarray:
+        """(N, K) int16 top-k label indices of every input, loaded on each access (for small sets and tests;
+        training reads shards and rows)."""
+        parts = [c[2] for c in self.chunks()]
+        return np.concatenate(parts) if parts else np.zeros((0, self.stored_k), np.int16)
+
+    @property
+    def prob(self) -> np.ndarray:
+        """(N, K) float16 probabilities of every input, loaded on each access (as :attr:`idx`)."""
+        parts = [c[3] for c in self.chunks()]
+        return np.concatenate(parts) if parts else np.zeros((0, self.stored_k), np.float16)
+
+    def _read(self, shard: int, which: int, local: int, out: np.ndarray) -> None:
+        key = (shard, which)
+        f, header = self._files[shard][which]
+        fd = self._fds.get(key)
+        if fd is None:
+            fd = os.open(f, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._fds[key] = fd
+            while len(self._fds) > self._max_open:
+                os.close(self._fds.popitem(last=False)[1])
+        elif len(self._fds) >= self._max_open:  # order matters only once files are being closed
+            self._fds.move_to_end(key)
+        if os.preadv(fd, [out], header + local * out.nbytes) != out.nbytes:
+            raise UserError(f"{f} is truncated; delete {self.folder} and rerun the pretraining command to label "
+                            "again")
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Input ``i``'s stored top-k: (K,) int16 label indices and (K,) float16 probabilities."""
+        i = int(i)
+        if not 0 <= i < self._n:
+            raise IndexError(f"input {i} out of range for pseudo-labels of {self._n} inputs")
+        shard = bisect.bisect_right(self._starts, i) - 1
+        idx, prob = np.empty(self.stored_k, np.int16), np.empty(self.stored_k, np.float16)
+        local = i - self._starts[shard]
+        self._read(shard, 0, local, idx)
+        self._read(shard, 1, local, prob)
+        return idx, prob
 
     def kept(self, threshold: float | np.ndarray, top_k: int, exclusive: np.ndarray | None) -> np.ndarray:
-        """(N, K) bool mask of labels kept by the rule."""
-        return select_labels(self.idx, self.prob, threshold, top_k, exclusive)
+        """(N, K) bool mask of labels kept by the rule (of every input: for small sets and tests)."""
+        parts = [select_labels(i, p, threshold, top_k, exclusive) for _, _, i, p in self.chunks()]
+        return np.concatenate(parts) if parts else np.zeros((0, self.stored_k), bool)
+
+    def close(self) -> None:
+        """Close the open shard files (they reopen on the next read)."""
+        fds, self._fds = self._fds, OrderedDict()
+        for fd in fds.values():
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (OSError, AttributeError):
+            pass
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_fds"] = OrderedDict()  # files are reopened where the object is used, never pickled
+        return state
+
+
+def _npy_layout(f: Path, dtype) -> tuple[int, tuple[int, ...]]:
+    """(header bytes, shape) of the C-ordered ``dtype`` array in .npy file ``f``, its size checked."""
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} is missing: the pseudo-labels of {f.parent} are incomplete; delete the "
+                                "folder and rerun the pretraining command to label again")
+    with open(f, "rb") as fh:
+        try:
+            version = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, got = read(fh)
+        except ValueError as e:
+            raise UserError(f"{f}: not a .npy file ({e}); delete {f.parent} and rerun the pretraining command to "
+                            "label again") from None
+        header = fh.tell()
+    size = header + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if got != np.dtype(dtype) or fortran or f.stat().st_size != size:
+        raise UserError(f"{f}: expected a C-ordered {np.dtype(dtype)} array of {shape} ({size} bytes), found "
+                        f"{got}{' Fortran-ordered' if fortran else ''} in {f.stat().st_size} bytes; delete "
+                        f"{f.parent} and rerun the pretraining command to label again")
+    return header, tuple(shape)
 
 
 # --------------------------------------------------------------------------- labeling pass

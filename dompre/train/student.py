@@ -18,8 +18,8 @@ from torchvision.transforms import v2
 
 from dompre.errors import UserError
 from dompre.train.config import PseudoConfig, StudentConfig
-from dompre.train.engine import Items, StreamSampler, epoch_steps, make_loader
-from dompre.train.pseudo_label import PseudoLabels, balance_weights
+from dompre.train.engine import Items, StreamSampler, epoch_steps, make_loader, release_free_heap
+from dompre.train.pseudo_label import PseudoLabels, balance_weights, select_labels
 
 
 def noise_transform(cfg: StudentConfig, img_size: int) -> v2.Compose:
@@ -123,23 +123,32 @@ class SeededNoiseParams(Items):
 
 
 class PseudoTargets:
-    """Dense per-row targets of the unlabeled store from stored top-k and the kept mask (row -> (L,)).
+    """Dense per-row targets of the unlabeled store from stored top-k and the rule (row -> (L,)).
 
     Kept labels are 1 (``soft``: the teacher's probability); the other top-k labels follow ``unkept``
     (``negative``: 0, ``soft``: the teacher's probability, ``ignore``: NaN, which the loss leaves out); labels
-    outside the stored top-k are 0.
+    outside the stored top-k are 0. A row's top-k is read from disk and the rule (:func:`select_labels`, which
+    decides each input from its own row) applied to it when the row is asked for, so the object holds only the
+    rule's settings: a loader worker gets no per-input array.
     """
 
-    def __init__(self, pseudo: PseudoLabels, kept: np.ndarray, soft: bool, unkept: str = "negative") -> None:
+    def __init__(self, pseudo: PseudoLabels, threshold: float | np.ndarray, top_k: int,
+                 exclusive: np.ndarray | None, soft: bool, unkept: str = "negative") -> None:
         if unkept not in ("negative", "soft", "ignore"):
             raise UserError(f"pseudo.unkept={unkept!r}; choose negative, soft or ignore")
-        self.idx, self.prob, self.kept, self.soft, self.unkept = pseudo.idx, pseudo.prob, kept, soft, unkept
+        self.pseudo, self.threshold, self.top_k, self.exclusive = pseudo, threshold, int(top_k), exclusive
+        self.soft, self.unkept = soft, unkept
         self.num_labels = len(pseudo.label_names)
+
+    def kept(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Row ``row``'s stored (K,) label indices (int64), probabilities (float32) and kept mask."""
+        idx, prob = self.pseudo.row(row)
+        k = select_labels(idx[None], prob[None], self.threshold, self.top_k, self.exclusive)[0]
+        return idx.astype(np.int64), prob.astype(np.float32), k
 
     def __getitem__(self, row: int) -> np.ndarray:
         out = np.zeros(self.num_labels, dtype=np.float32)
-        k, idx = self.kept[row], self.idx[row].astype(np.int64)
-        prob = self.prob[row].astype(np.float32)
+        idx, prob, k = self.kept(row)
         if self.unkept == "soft":
             out[idx] = prob
         elif self.unkept == "ignore":
@@ -154,7 +163,9 @@ def pseudo_rows(pseudo: PseudoLabels, cfg: PseudoConfig, exclusive: np.ndarray |
     """Rows of the unlabeled store the student trains on, their targets, sampling weights and a summary.
 
     ``val_thresholds`` (used when ``cfg.val_thresholds``): the teacher's per-label thresholds from validation;
-    a label is then kept above ``max(cfg.threshold, its threshold)``.
+    a label is then kept above ``max(cfg.threshold, its threshold)``. One pass over the stored shards, one at
+    a time (two with ``cfg.balance``: the weights need every label's count first); what is kept is the rows
+    (and weights), not the pseudo-labels or their kept mask.
 
     Raises:
         ValueError: no input has a pseudo-label above the threshold.
@@ -162,20 +173,32 @@ def pseudo_rows(pseudo: PseudoLabels, cfg: PseudoConfig, exclusive: np.ndarray |
     threshold = cfg.threshold
     if cfg.val_thresholds and val_thresholds is not None:
         threshold = np.maximum(cfg.threshold, np.asarray(val_thresholds, dtype=np.float32))
-    kept = pseudo.kept(threshold, cfg.top_k, exclusive)
-    has = kept.any(1)
+    n_labels = len(pseudo.label_names)
+    counts = np.zeros(n_labels, np.int64)
+    has, n_kept = [], 0
+    for _, _, idx, prob in pseudo.chunks():
+        kept = select_labels(idx, prob, threshold, cfg.top_k, exclusive)
+        has.append(kept.any(1))
+        counts += np.bincount(idx[kept].astype(np.int64), minlength=n_labels)
+        n_kept += int(kept.sum())
+    has = np.concatenate(has) if has else np.zeros(0, bool)
     rows = np.flatnonzero(has) if cfg.drop_empty else np.arange(len(pseudo))
     if len(rows) == 0:
         raise UserError(f"{pseudo.folder}: no unlabeled input has a label above pseudo.threshold="
                          f"{cfg.threshold}; lower the threshold or train the teacher longer")
     weights = None
     if cfg.balance:
-        weights = balance_weights(pseudo.idx[rows], kept[rows], len(pseudo.label_names))
-    counts = np.bincount(pseudo.idx[kept].astype(np.int64), minlength=len(pseudo.label_names))
+        parts = []
+        for start, end, idx, prob in pseudo.chunks():
+            a, b = np.searchsorted(rows, [start, end])  # rows are sorted
+            mine = rows[a:b] - start
+            kept = select_labels(idx[mine], prob[mine], threshold, cfg.top_k, exclusive)
+            parts.append(balance_weights(idx[mine], kept, n_labels, counts))
+        weights = np.concatenate(parts)
     summary = {"inputs": int(len(pseudo)), "used": int(len(rows)), "empty": int((~has).sum()),
-               "labels_per_input": float(kept.sum(1)[rows].mean()),
+               "labels_per_input": n_kept / len(rows),
                "per_label": {n: int(c) for n, c in zip(pseudo.label_names, counts)}}
-    return rows, PseudoTargets(pseudo, kept, cfg.soft, cfg.unkept), weights, summary
+    return rows, PseudoTargets(pseudo, threshold, cfg.top_k, exclusive, cfg.soft, cfg.unkept), weights, summary
 
 
 def mix_batches(labeled: dict, pseudo: dict | None) -> dict:
@@ -251,6 +274,7 @@ def build_loaders(labeled_store, train_rows: np.ndarray, labeled_targets, *, lab
         # frozen objects are never scanned, so each worker no longer copies the parent's Python heap
         gc.collect()
         gc.freeze()
+        release_free_heap()  # and freed C heap pages (numpy temporaries of pseudo_rows) are not inherited
     steps = epoch_steps(len(train_rows), labeled_batch, world)
     if augment_on not in ("cpu", "device"):
         raise UserError(f"augment_on={augment_on!r}: choose 'cpu' or 'device'")
