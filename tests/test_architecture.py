@@ -175,28 +175,7 @@ def test_data_layer_imports_nothing_above_it():
     graph, where = import_graph()
     data = sorted(m for m in graph if m == "dompre.data" or m.startswith("dompre.data."))
     assert "dompre.data.prep" in data and "dompre.data.ingest" in data
-
-    def forbidden(m: str) -> bool:
-        return any(m == f or m.startswith(f + ".") for f in DATA_FORBIDDEN)
-
-    bad = []
-    for start in data:  # what a data module reaches, directly or through other modules
-        seen, todo, parent = {start}, [start], {}
-        while todo:
-            v = todo.pop()
-            for w in sorted(graph[v]):
-                if w in seen:
-                    continue
-                seen.add(w)
-                parent[w] = v
-                if forbidden(w):
-                    chain = [w]
-                    while chain[-1] != start:
-                        chain.append(parent[chain[-1]])
-                    chain.reverse()
-                    bad.append(" -> ".join(chain) + f" ({where[chain[0], chain[1]]})")
-                else:
-                    todo.append(w)
+    bad = [chain for m in data for chain in _reaches(graph, where, m, DATA_FORBIDDEN)]
     assert not bad, "dompre.data must not import " + ", ".join(DATA_FORBIDDEN) + ":\n" + "\n".join(bad)
 
 

@@ -60,7 +60,7 @@ def test_random_access_meta_and_dataset(tmp_path):
     assert batch["index"].tolist() == [8, 0, 5, 3] and batch["image"][:, 0, 0, 0].tolist() == [8, 0, 5, 3]
     assert st.units["a"] == {"status": "ok", "n": 3} and st.labels is None
     clone = pickle.loads(pickle.dumps(st))
-    assert clone._fds == {} and clone._cache == {}   # workers get offsets only: no files, columns or units
+    assert clone._files.fds == {} and clone._cache == {}   # workers get offsets only: no files, columns or units
     assert clone[5][0, 0, 0] == 5
 
 
@@ -147,15 +147,15 @@ def test_reader_keeps_a_bounded_number_of_files_open_and_maps_nothing(tmp_path):
     n_units = 12
     write(tmp_path / "s", {f"u{i}": 2 for i in range(n_units)}, shard_size=2)  # one shard per unit
     store = SliceStore(tmp_path / "s")
-    store._max_open = 3
+    store._files.max_open = 3
     assert [int(store[i][0, 0, 0]) for i in range(len(store))] == list(range(2 * n_units))
-    assert len(store._fds) == 3 and sorted(store._fds) == [9, 10, 11]  # the most recent shards stay open
+    assert len(store._files.fds) == 3 and sorted(store._files.fds) == [9, 10, 11]  # the most recent shards stay open
     np.testing.assert_array_equal(store.images([0, 2 * n_units - 1, 1, 0])[:, 0, 0, 0], [0, 2 * n_units - 1, 1, 0])
     maps = open("/proc/self/maps").read()
-    assert "shard-000000.npy" not in maps and len(store._fds) == 3  # positioned reads, no memory maps
+    assert "shard-000000.npy" not in maps and len(store._files.fds) == 3  # positioned reads, no memory maps
     assert len(pickle.loads(pickle.dumps(Items(store)))[3]["image"]) == 3  # workers reopen files after pickling
     store.close()
-    assert store._fds == {} and store[4][0, 0, 0] == 4
+    assert store._files.fds == {} and store[4][0, 0, 0] == 4
 
 
 def test_damaged_shard_is_named(tmp_path):

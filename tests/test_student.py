@@ -285,7 +285,7 @@ def test_pseudo_labels_hold_no_per_input_array(pinned):
     np.testing.assert_array_equal(prob, pl.prob[70])
     import pickle
     pl.row(0)
-    assert pl._fds and not pickle.loads(pickle.dumps(pl))._fds  # descriptors are never pickled
+    assert pl._fds.fds and not pickle.loads(pickle.dumps(pl))._fds.fds  # descriptors are never pickled
     with pytest.raises(IndexError):
         pl.row(len(pl))
 

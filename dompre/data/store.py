@@ -40,7 +40,7 @@ import re
 import resource
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -62,6 +62,52 @@ def _max_open_files() -> int:
     """Shard files a reader keeps open: a quarter of this process's descriptor limit (64 to 8192)."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return 8192 if soft == resource.RLIM_INFINITY else max(64, min(8192, soft // 4))
+
+
+class OpenFiles:
+    """An LRU of read-only file descriptors for positioned reads: ``fd(key)`` opens ``opener(key)`` on first use
+    (the path, and an optional check of the open descriptor), at most a quarter of this process's descriptor limit
+    stay open (the least recently used are closed), and none is ever pickled: a DataLoader worker opens its own.
+    The one descriptor cache of the store's shards and the pseudo-label shards."""
+
+    def __init__(self, opener: Callable[[Any], tuple[Path, Callable[[int], None] | None]]) -> None:
+        self.opener = opener
+        self.fds: OrderedDict[Any, int] = OrderedDict()
+        self.max_open = _max_open_files()
+
+    def fd(self, key: Any) -> int:
+        fd = self.fds.get(key)
+        if fd is not None:
+            if len(self.fds) >= self.max_open:  # order matters only once files are being closed
+                self.fds.move_to_end(key)
+            return fd
+        path, check = self.opener(key)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        if check is not None:
+            try:
+                check(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+        self.fds[key] = fd
+        while len(self.fds) > self.max_open:
+            os.close(self.fds.popitem(last=False)[1])
+        return fd
+
+    def close(self) -> None:
+        """Close every open descriptor (files reopen on the next read)."""
+        fds, self.fds = self.fds, OrderedDict()
+        for fd in fds.values():
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (OSError, AttributeError):
+            pass
+
+    def __getstate__(self) -> dict:
+        return {"opener": self.opener, "fds": OrderedDict(), "max_open": self.max_open}
 
 
 def _npy_header(shape: tuple[int, ...]) -> bytes:
@@ -427,37 +473,28 @@ class SliceStore:
         self._offsets = np.concatenate([[0], np.cumsum(sizes)])
         self._starts: list[int] = self._offsets[:-1].tolist()  # for bisect in single reads
         self._item_bytes = 3 * self.image_size * self.image_size
-        self._fds: OrderedDict[int, int] = OrderedDict()  # LRU of open shard files: shard -> descriptor
-        self._max_open = _max_open_files()
+        self._files = OpenFiles(self._shard_file)  # shard k -> descriptor
         self._cache: dict[str, Any] = {}  # columns, labels and units read so far (dropped when pickled)
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
     # ------------------------------------------------------------------ images
-    def _fd(self, k: int) -> int:
-        """Descriptor of shard ``k``'s .npy, opened (and its header checked) on first use."""
-        fd = self._fds.get(k)
-        if fd is not None:
-            if len(self._fds) >= self._max_open:  # order matters only once files are being closed
-                self._fds.move_to_end(k)
-            return fd
+    def _shard_file(self, k: int) -> tuple[Path, Callable[[int], None]]:
+        """Shard ``k``'s .npy and the check of its header and size, for :class:`OpenFiles`."""
         f = self.path / "shards" / f"{self._names[k]}.npy"
-        fd = os.open(f, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         n = int(self._offsets[k + 1] - self._offsets[k])
-        want = _npy_header((n, 3, self.image_size, self.image_size))
-        if os.pread(fd, _HEADER_LEN, 0) != want or os.fstat(fd).st_size != _HEADER_LEN + n * self._item_bytes:
-            os.close(fd)
-            raise UserError(f"{f}: not a shard of {n} uint8 (3, {self.image_size}, {self.image_size}) items as "
-                             f"{self.path / MANIFEST} says; the store is damaged: rebuild it")
-        self._fds[k] = fd
-        while len(self._fds) > self._max_open:
-            os.close(self._fds.popitem(last=False)[1])
-        return fd
+
+        def check(fd: int) -> None:
+            want = _npy_header((n, 3, self.image_size, self.image_size))
+            if os.pread(fd, _HEADER_LEN, 0) != want or os.fstat(fd).st_size != _HEADER_LEN + n * self._item_bytes:
+                raise UserError(f"{f}: not a shard of {n} uint8 (3, {self.image_size}, {self.image_size}) items "
+                                f"as {self.path / MANIFEST} says; the store is damaged: rebuild it")
+        return f, check
 
     def _read(self, k: int, local: int, out: np.ndarray) -> None:
         """Fill ``out`` (contiguous, ``m`` items) with items ``local .. local + m`` of shard ``k``."""
-        got = os.preadv(self._fd(k), [out], _HEADER_LEN + local * self._item_bytes)
+        got = os.preadv(self._files.fd(k), [out], _HEADER_LEN + local * self._item_bytes)
         if got != out.nbytes:
             raise UserError(f"{self.path}/shards/{self._names[k]}.npy is truncated; rebuild the store")
 
@@ -499,15 +536,7 @@ class SliceStore:
 
     def close(self) -> None:
         """Close the open shard files (they reopen on the next read)."""
-        fds, self._fds = self._fds, OrderedDict()
-        for fd in fds.values():
-            os.close(fd)
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except (OSError, AttributeError):
-            pass
+        self._files.close()
 
     # ------------------------------------------------------------------ metadata
     def _meta_file(self, k: int) -> Path:
@@ -600,7 +629,6 @@ class SliceStore:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_fds"] = OrderedDict()  # files are reopened in each DataLoader worker, never pickled
         state["_cache"] = {}
         return state
 

@@ -20,7 +20,6 @@ import bisect
 import json
 import logging
 import os
-from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -29,7 +28,7 @@ import torch
 from accelerate.utils import tqdm
 
 from dompre._io import atomic_open, write_atomic
-from dompre.data.store import _max_open_files
+from dompre.data.store import OpenFiles
 from dompre.errors import UserError
 from dompre.train.engine import Items, outputs
 
@@ -208,8 +207,7 @@ class PseudoLabels:
                 pair.append((f, header))
             self._files.append((pair[0], pair[1]))
         self.stored_k = 1 if k is None else int(k)  # no shards: an empty store, (0, 1) as the arrays always were
-        self._fds: OrderedDict[tuple[int, int], int] = OrderedDict()  # LRU: (shard, 0 idx | 1 prob) -> fd
-        self._max_open = _max_open_files()
+        self._fds = OpenFiles(self._shard_file)  # (shard, 0 idx | 1 prob) -> descriptor
 
     def __len__(self) -> int:
         return self._n
@@ -232,18 +230,12 @@ class PseudoLabels:
         parts = [c[3] for c in self.chunks()]
         return np.concatenate(parts) if parts else np.zeros((0, self.stored_k), np.float16)
 
+    def _shard_file(self, key: tuple[int, int]) -> tuple[Path, None]:
+        return self._files[key[0]][key[1]][0], None  # the header and size were checked on opening
+
     def _read(self, shard: int, which: int, local: int, out: np.ndarray) -> None:
-        key = (shard, which)
         f, header = self._files[shard][which]
-        fd = self._fds.get(key)
-        if fd is None:
-            fd = os.open(f, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            self._fds[key] = fd
-            while len(self._fds) > self._max_open:
-                os.close(self._fds.popitem(last=False)[1])
-        elif len(self._fds) >= self._max_open:  # order matters only once files are being closed
-            self._fds.move_to_end(key)
-        if os.preadv(fd, [out], header + local * out.nbytes) != out.nbytes:
+        if os.preadv(self._fds.fd((shard, which)), [out], header + local * out.nbytes) != out.nbytes:
             raise UserError(f"{f} is truncated; delete {self.folder} and rerun the pretraining command to label "
                             "again")
 
@@ -266,20 +258,7 @@ class PseudoLabels:
 
     def close(self) -> None:
         """Close the open shard files (they reopen on the next read)."""
-        fds, self._fds = self._fds, OrderedDict()
-        for fd in fds.values():
-            os.close(fd)
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except (OSError, AttributeError):
-            pass
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_fds"] = OrderedDict()  # files are reopened where the object is used, never pickled
-        return state
+        self._fds.close()
 
 
 def _npy_layout(f: Path, dtype) -> tuple[int, tuple[int, ...]]:
