@@ -45,7 +45,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from dompre._io import write_atomic
+from dompre._io import atomic_open, write_atomic
 from dompre.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -114,12 +114,6 @@ def _npy_header(shape: tuple[int, ...]) -> bytes:
     d = "{'descr': '|u1', 'fortran_order': False, 'shape': %r, }" % (tuple(shape),)
     body = d.ljust(_HEADER_LEN - 10 - 1) + "\n"
     return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
-
-
-def _fsync_replace(tmp: Path, dst: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
 
 
 def write_report(store_dir: str | Path, report: dict, summary: dict) -> dict:
@@ -337,11 +331,10 @@ class StoreWriter:
         return f"shard-{len(self._shards):06d}"
 
     def _append(self, image: np.ndarray, meta: dict, lab: np.ndarray | None) -> None:
-        if self._stream is None:
-            tmp = self.path / "shards" / f"{self._shard_name()}.npy.tmp"
-            self._stream = open(tmp, "wb")
-            self._stream.write(b"\0" * _HEADER_LEN)
-        self._stream.write(np.ascontiguousarray(image).tobytes())
+        if self._stream is None:  # the shard grows in a temporary that appears whole when the shard is written
+            self._stream = atomic_open(self.path / "shards" / f"{self._shard_name()}.npy", "w+b")
+            self._stream.file.write(b"\0" * _HEADER_LEN)
+        self._stream.file.write(np.ascontiguousarray(image).tobytes())
         self._metas.append(_jsonable(meta))
         if lab is not None:
             self._labels.append(lab)
@@ -353,22 +346,15 @@ class StoreWriter:
 
         shards = self.path / "shards"
         name = self._shard_name()
-        f = self._stream
-        f.seek(0)
-        f.write(_npy_header((self._count, 3, self.image_size, self.image_size)))
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        self._stream = None
-        os.replace(shards / f"{name}.npy.tmp", shards / f"{name}.npy")
-        tmp = shards / f"{name}.meta.parquet.tmp"
-        pq.write_table(_meta_table(self._metas), tmp)
-        _fsync_replace(tmp, shards / f"{name}.meta.parquet")
+        stream, self._stream = self._stream, None
+        stream.file.seek(0)
+        stream.file.write(_npy_header((self._count, 3, self.image_size, self.image_size)))
+        stream.commit()
+        with atomic_open(shards / f"{name}.meta.parquet") as fh:
+            pq.write_table(_meta_table(self._metas), fh)
         if self.label_names is not None:
-            tmp = shards / f"{name}.labels.npy.tmp"
-            with open(tmp, "wb") as fh:
+            with atomic_open(shards / f"{name}.labels.npy") as fh:
                 np.save(fh, np.stack(self._labels).astype(np.float32))
-            _fsync_replace(tmp, shards / f"{name}.labels.npy")
         return {"name": name, "n": self._count, "meta": "parquet"}
 
     def flush(self) -> None:
@@ -431,7 +417,7 @@ class StoreWriter:
     def abort(self) -> None:
         """Drop everything not yet written (used when the job fails; a rerun redoes those units)."""
         if self._stream is not None:
-            self._stream.close()
+            self._stream.abort()
             self._stream = None
         if self._log is not None:
             self._log.close()
