@@ -18,6 +18,7 @@ position is JSON, and no object is registered with ``register_for_checkpointing`
 from __future__ import annotations
 
 import csv
+import gc
 import ctypes
 import functools
 import json
@@ -147,6 +148,15 @@ class Items(torch.utils.data.Dataset):
             batch = torch.from_numpy(np.ascontiguousarray(self.source.images(rows)))
             return [self._item(int(r), batch[k], None) for k, r in enumerate(rows)]
         return [self[i] for i in items]
+
+
+def before_workers_fork() -> None:
+    """Ready this process to fork DataLoader workers that share its pages instead of copying them: a garbage
+    collection would write to every object's header (so each worker would copy the Python heap), and frozen
+    objects are never scanned; the C heap's free pages are given back (:func:`release_free_heap`)."""
+    gc.collect()
+    gc.freeze()
+    release_free_heap()
 
 
 def release_free_heap(_worker_id: int | None = None) -> None:

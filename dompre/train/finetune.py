@@ -41,7 +41,6 @@ Medico-style report for single-label tasks; plus inference frames per second.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import math
@@ -71,7 +70,7 @@ from dompre.models.lesanet import LesaNet
 from dompre.recipes import PATH, load_recipe, recipe_to_dict, save_recipe
 from dompre.train import downstream_plots as plots
 from dompre.data.prep import InputPrep
-from dompre.train.engine import (Items, Position, StreamSampler, batch_loader, create_optimizer,
+from dompre.train.engine import (Items, Position, StreamSampler, batch_loader, before_workers_fork, create_optimizer,
                                  create_scheduler, epoch_steps, fit, forward, infer, make_accelerator, make_loader)
 from dompre.train.features import extract, fit_encoding, fit_linear, linear_scores
 from dompre.train.losses import RelationalHardExampleMining, WeightedFocalLoss, label_triplet_loss, label_weights
@@ -421,8 +420,7 @@ def train_model(recipe: FinetuneRecipe, ds, splits: dict, seed: int, accelerator
     sampler = StreamSampler(splits["train"], steps * batch, seed, 0)
     loader = make_loader(Items(ds, transform=aug), sampler, batch, recipe.data.num_workers, seed)
     if recipe.data.num_workers > 0:
-        gc.collect()
-        gc.freeze()  # forked workers then share the parent's heap instead of copying it (see student.py)
+        before_workers_fork()
     opt = create_optimizer(model, t.opt, t.lr, t.weight_decay, t.momentum)
     model, opt, loader = accelerator.prepare(model, opt, loader)
     per_process = len(loader)

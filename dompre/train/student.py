@@ -7,7 +7,6 @@ Epochs count passes over the labeled training rows; the pseudo-labeled stream ru
 """
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +17,7 @@ from torchvision.transforms import v2
 
 from dompre.errors import UserError
 from dompre.train.config import PseudoConfig, StudentConfig
-from dompre.train.engine import Items, StreamSampler, epoch_steps, make_loader, release_free_heap
+from dompre.train.engine import Items, StreamSampler, epoch_steps, before_workers_fork, make_loader
 from dompre.train.pseudo_label import PseudoLabels, balance_weights, select_labels
 
 
@@ -270,11 +269,7 @@ def build_loaders(labeled_store, train_rows: np.ndarray, labeled_targets, *, lab
     returned ``noise`` (a :class:`DeviceNoise`) applies them on the accelerator.
     """
     if num_workers > 0:
-        # forked workers share the parent's pages until a garbage collection writes to the objects' headers;
-        # frozen objects are never scanned, so each worker no longer copies the parent's Python heap
-        gc.collect()
-        gc.freeze()
-        release_free_heap()  # and freed C heap pages (numpy temporaries of pseudo_rows) are not inherited
+        before_workers_fork()  # also frees the C heap pages of pseudo_rows' numpy temporaries
     steps = epoch_steps(len(train_rows), labeled_batch, world)
     if augment_on not in ("cpu", "device"):
         raise UserError(f"augment_on={augment_on!r}: choose 'cpu' or 'device'")
