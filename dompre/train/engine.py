@@ -424,13 +424,22 @@ def batch_loader(dataset, rows: Sequence[int], batch_size: int, num_workers: int
 
 
 @torch.no_grad()
-def outputs(accelerator, model: torch.nn.Module, loader, prep: InputPrep) -> Iterator[tuple[dict, torch.Tensor]]:
-    """The one inference loop: ``(batch, float logits)`` per batch of ``loader`` on this process."""
+def outputs(accelerator, model: torch.nn.Module, loader, prep: InputPrep, timings: list[float] | None = None
+            ) -> Iterator[tuple[dict, torch.Tensor]]:
+    """The one inference loop: ``(batch, float logits)`` per batch of ``loader`` on this process.
+
+    ``timings``: when given, each batch's forward seconds (preparation and model, not loading) are appended to
+    it (on CUDA after a synchronize, so only then is the loop synchronized)."""
     model.eval()
     for batch in loader:
+        t0 = time.perf_counter()
         x = prep(batch["image"].to(accelerator.device))
         with accelerator.autocast():
             logits = forward(model, x, {k: v.to(accelerator.device) for k, v in batch.items() if k == "box"})
+        if timings is not None:
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize()
+            timings.append(time.perf_counter() - t0)
         yield batch, logits.float()
 
 
@@ -449,19 +458,16 @@ def infer(accelerator, model: torch.nn.Module, dataset, rows: Sequence[int], pre
     """Scores of ``model`` on ``rows`` of ``dataset`` (an :class:`Items`), split over processes and gathered.
 
     ``activation``: ``sigmoid`` (multi-label) or ``softmax`` (single-label). ``loss_fn(logits, target)``: its
-    mean over the batches, when the items have targets.
+    mean over the batches of every process, when the items have targets (the same value on every process, so
+    each picks the same best epoch). ``seconds``: this process's forward time.
     """
     rows = np.asarray(rows, dtype=np.int64)
     if len(np.unique(rows)) != len(rows):
         raise ValueError("infer: rows must be distinct (each score is placed by its row)")
     loader = accelerator.prepare_data_loader(batch_loader(dataset, rows, batch_size, num_workers))
-    scores, targets, index, losses, seconds = [], [], [], [], 0.0
-    t0 = time.perf_counter()
-    for batch, logits in outputs(accelerator, model, loader, prep):
+    scores, targets, index, losses, timings = [], [], [], [], []
+    for batch, logits in outputs(accelerator, model, loader, prep, timings):
         prob = logits.softmax(1) if activation == "softmax" else torch.sigmoid(logits)
-        if accelerator.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - t0
         target = batch.get("target")
         if loss_fn is not None and target is not None:
             losses.append(float(loss_fn(logits, target.to(logits.device))))
@@ -473,9 +479,14 @@ def infer(accelerator, model: torch.nn.Module, dataset, rows: Sequence[int], pre
         index.append(got[1].cpu())
         if target is not None:
             targets.append(got[2].cpu())
-        t0 = time.perf_counter()
+    seconds = float(sum(timings))
+    total, count = float(np.sum(losses)), len(losses)  # np.sum: the same float as np.mean gave
+    if accelerator.num_processes > 1:  # sum and count over all processes (one with no batch adds zeros)
+        total, count = accelerator.reduce(torch.tensor([total, count], dtype=torch.float64,
+                                                       device=accelerator.device), reduction="sum").tolist()
+    loss = total / count if count else float("nan")
     if not scores:
-        return Inference(np.zeros((0, 0), np.float32), None, float("nan"), seconds)
+        return Inference(np.zeros((0, 0), np.float32), None, loss, seconds)
     order = np.argsort(rows, kind="stable")
     where = order[np.searchsorted(rows[order], torch.cat(index).numpy())]  # gathered row -> requested place
     out = np.zeros((len(rows), scores[0].shape[1]), np.float32)
@@ -484,7 +495,7 @@ def infer(accelerator, model: torch.nn.Module, dataset, rows: Sequence[int], pre
     if targets:
         tgt = np.zeros((len(rows), targets[0].shape[1]), np.float32)
         tgt[where] = torch.cat(targets).numpy()
-    return Inference(out, tgt, float(np.mean(losses)) if losses else float("nan"), seconds)
+    return Inference(out, tgt, loss, seconds)
 
 
 def predict(accelerator, model: torch.nn.Module, store, rows: np.ndarray, prep: InputPrep,
