@@ -38,7 +38,7 @@ from dompre.data.deeplesion import load_hand_labeled, load_ontology
 from dompre.data.store import SliceStore, run_preparation
 from dompre.errors import REPORTED, UnknownName, UserError
 from dompre.pseudo_pretrain import run_pseudo_pretrain
-from dompre.recipes import load_recipe, recipe_to_dict, save_recipe
+from dompre.recipes import changed_keys, load_recipe, recipe_to_dict, save_recipe
 from dompre.train.config import PretrainRecipe, check_recipe
 from dompre.data.prep import InputPrep
 from dompre.train.engine import Position
@@ -215,9 +215,8 @@ def _check_same_run(recipe: PretrainRecipe, out: Path) -> None:
     if not saved.is_file():
         return
     old = yaml.safe_load(saved.read_text()) or {}
-    new = recipe_to_dict(recipe.resolved())
-    skip = {"train", "debug", "iterations", "output_dir", "eval", "pseudo_pretrain"}
-    diff = [k for k in new if k not in skip and old.get(k) != new[k]]
+    diff = changed_keys(old, recipe_to_dict(recipe.resolved()),
+                        ignore=("train", "debug", "iterations", "output_dir", "eval", "pseudo_pretrain"))
     if diff:
         layout = (" (it was written before the shared optim:/loss: sections; its teacher: settings were every "
                   "role's)" if "optim" not in old else "")

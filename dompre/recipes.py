@@ -230,6 +230,22 @@ def recipe_to_dict(recipe: Any) -> dict:
     return plain(dataclasses.asdict(recipe))
 
 
+def changed_keys(saved: dict, new: dict, ignore: Sequence[str] = ()) -> list[str]:
+    """Dotted keys whose values differ between two recipe dicts (a saved run's and this one's), in ``new``'s
+    order then the saved-only ones; a key under an ``ignore`` entry (``"train"`` or ``"train.progress"``) is not
+    compared. The one check that a resumed run folder holds the same recipe."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            out.update(flat(v, key + ".") if isinstance(v, dict) and v else {key: v})
+        return out
+    a, b = flat(saved or {}), flat(new)
+    skip = (lambda k: any(k == i or k.startswith(i + ".") for i in ignore))
+    keys = list(b) + [k for k in a if k not in b]
+    return [k for k in keys if not skip(k) and a.get(k) != b.get(k)]
+
+
 def save_recipe(recipe: Any, path: str | Path, header: str = "") -> Path:
     """Write the resolved recipe as YAML (atomically), after ``header`` as ``#`` comment lines when given."""
     path = Path(path)

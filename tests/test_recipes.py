@@ -109,3 +109,13 @@ def test_save_roundtrip(tmp_path):
     out = save_recipe(r, tmp_path / "run" / "recipe.yaml")
     assert load_recipe(out, Recipe) == r
     assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_changed_keys_names_each_changed_leaf_and_skips_ignored_ones():
+    from dompre.recipes import changed_keys
+    saved = {"train": {"lr": 0.1, "progress": True}, "model": {"arch": "a", "head": {"k": 1}}, "seed": 0, "gone": 1}
+    new = {"train": {"lr": 0.2, "progress": False}, "model": {"arch": "a", "head": {"k": 2}}, "seed": 0}
+    assert changed_keys(saved, new) == ["train.lr", "train.progress", "model.head.k", "gone"]
+    assert changed_keys(saved, new, ignore=("train.progress", "gone")) == ["train.lr", "model.head.k"]
+    assert changed_keys(saved, new, ignore=("train", "model", "gone")) == []
+    assert changed_keys(new, new) == []

@@ -67,7 +67,7 @@ from dompre.data.deeplesion import Ontology, apply_label_relations, load_ontolog
 from dompre.data.downstream import BoxAugment, Clahe, build_dataset, make_splits
 from dompre.errors import UserError
 from dompre.models.lesanet import LesaNet
-from dompre.recipes import PATH, load_recipe, recipe_to_dict, save_recipe
+from dompre.recipes import PATH, changed_keys, load_recipe, recipe_to_dict, save_recipe
 from dompre.train import downstream_plots as plots
 from dompre.data.prep import InputPrep
 from dompre.train.engine import (Items, Position, StreamSampler, batch_loader, before_workers_fork, create_optimizer,
@@ -552,12 +552,8 @@ def _check_resumable(recipe: FinetuneRecipe, out: Path) -> None:
     saved = out / "recipe.yaml"
     if not (out / "state").is_dir() or not saved.is_file():
         return
-    old = yaml.safe_load(saved.read_text()) or {}
-    new = recipe_to_dict(recipe)
-    ignore = {("train", "progress"), ("data", "num_workers"), ("out_dir",)}
-    diff = [f"{sec}.{k}" for sec, v in new.items() if isinstance(v, dict)
-            for k in v if (sec, k) not in ignore and (old.get(sec) or {}).get(k) != v[k]]
-    diff += [k for k, v in new.items() if not isinstance(v, dict) and (k,) not in ignore and old.get(k) != v]
+    diff = changed_keys(yaml.safe_load(saved.read_text()) or {}, recipe_to_dict(recipe),
+                        ignore=("train.progress", "data.num_workers", "out_dir"))
     if diff:
         raise UserError(f"{out} holds an interrupted fine-tuning run with other settings for {diff}; rerun with the "
                         f"recipe in {saved} to resume it, or choose another out_dir")
