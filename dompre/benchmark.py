@@ -32,7 +32,7 @@ from dompre.errors import UserError
 from dompre.noisy_student import load_stage_model, make_accelerator, pseudo_targets, run, train_arm
 from dompre.data.prep import InputPrep
 from dompre.train.engine import predict
-from dompre.train.bootstrap import patient_weights, score_labels
+from dompre.train.bootstrap import patient_weights, percentile_interval, score_labels
 from dompre.train.metrics import THRESHOLD_GRID, choose_thresholds
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def run_arms(recipe, data, held: HeldOut, unlabeled_truth: np.ndarray, *, replic
 
 # --------------------------------------------------------------------------- across arms and seeds
 def _ci(reps: np.ndarray) -> list[float]:
-    return [float(v) for v in np.nanpercentile(reps, [2.5, 97.5])]
+    return list(percentile_interval(reps))
 
 
 def _arm_row(s: dict) -> dict:

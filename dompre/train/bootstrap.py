@@ -62,8 +62,7 @@ class Scored:
 
     def interval(self, name: str) -> tuple[float, float]:
         """2.5 and 97.5 percentiles of the replicates of ``auc`` or ``f1``."""
-        reps = getattr(self, f"{name}_reps")
-        return tuple(float(v) for v in np.nanpercentile(reps, [2.5, 97.5]))
+        return percentile_interval(getattr(self, f"{name}_reps"))
 
     def as_dict(self) -> dict:
         return {"auc": self.auc, "auc_ci": list(self.interval("auc")), "f1": self.f1,
@@ -93,7 +92,7 @@ def score_labels(scores: np.ndarray, y: np.ndarray, thresholds: np.ndarray, weig
     return Scored(float(auc_m[0]), float(f1_m[0]), auc_m[1:], f1_m[1:], len(cols), len(y), 0)
 
 
-def paired_interval(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """95% interval of ``a - b`` over matching replicates (the same patient draws for both models)."""
-    d = np.asarray(a) - np.asarray(b)
-    return tuple(float(v) for v in np.nanpercentile(d, [2.5, 97.5]))
+def percentile_interval(replicates: np.ndarray) -> tuple[float, float]:
+    """95% percentile interval (2.5th and 97.5th, NaN replicates left out) of bootstrap replicates; of a paired
+    difference when given ``a_reps - b_reps`` over the same patient draws."""
+    return tuple(float(v) for v in np.nanpercentile(replicates, [2.5, 97.5]))
