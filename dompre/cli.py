@@ -234,6 +234,9 @@ def _export_montage(args: argparse.Namespace) -> bytes | None:
     from dompre.checkpoint import load_checkpoint, read_checkpoint_meta
     from dompre.explain import explain_montage, parse_inputs, prep_config
 
+    if args.hub_layout:  # before reading any input: the montage would be thrown away
+        print("export: --explain is left out of --hub-layout (push_to_hf_hub uploads no montage)", file=sys.stderr)
+        return None
     meta = read_checkpoint_meta(args.checkpoint)
     info = meta.get("info", {})
     size = tuple(info.get("input_size") or (3, *[(info.get("preparation") or {}).get("size") or 256] * 2))[-2:]
@@ -242,9 +245,6 @@ def _export_montage(args: argparse.Namespace) -> bytes | None:
     for spec, reason in skipped:
         print(f"export: skipped explanation input {spec}: {reason}", file=sys.stderr)
     if not items:
-        return None
-    if args.hub_layout:
-        print("export: --explain is left out of --hub-layout (push_to_hf_hub uploads no montage)", file=sys.stderr)
         return None
     model, info = load_checkpoint(args.checkpoint)
     label_names = info.get("label_names") or [f"class {i}" for i in range(model.num_classes)]
@@ -268,7 +268,6 @@ def _run_export(args: argparse.Namespace) -> int:
         print(f"hub layout: upload {r['out_dir']} to {args.hub_layout}; load with "
               f"timm.create_model('hf-hub:{args.hub_layout}', pretrained=True)")
     return 0
-
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
