@@ -8,6 +8,7 @@ as series) and a labeled one of 17,697 (one input per unit, as DeepLesion lesion
 with ratios measured in this run (min / median / max over ``--repeats`` where repeated):
 
 - write rate and the time of the last 500 units over the first 500 (goal <= 1.2: commits cost the new units),
+  and the full garbage collections during the write (count, seconds),
   wall and CPU time (the CPU time of this process is less disturbed by other jobs on a shared machine);
 - random single-item reads and 64-item batch gathers against the one-shard store (goal <= 1.5);
 - one metadata column, one item's metadata and the whole table: time and resident memory added;
@@ -44,7 +45,11 @@ def write_store(path: Path, n: int, size: int, per_unit: int, labels: int, shard
 
     ``last_first``: time per unit of the last units over the first, each window ending at a shard flush and
     holding the same number of flushes (at least 500 units), so both pay for the same shard writes.
+    ``full_gcs``: full (generation 2) garbage collections during the write and their seconds; each walks every
+    object of the process (~0.27 s with pandas and pyarrow loaded), so one in a window dwarfs its commits.
     """
+    import gc
+
     import pyarrow.parquet  # noqa: F401  (imported on the first flush otherwise: not a commit cost)
 
     from dompre.data.store import StoreWriter
@@ -52,7 +57,13 @@ def write_store(path: Path, n: int, size: int, per_unit: int, labels: int, shard
     pool = rng.integers(0, 255, (997, 3, size, size), dtype=np.uint8)
     lab = (rng.random((101, labels)) < 0.05).astype(np.float32) if labels else None
     splits = ["train"] * 7 + ["val", "test", "test"]
-    times, cpu, flushes = [], [], []
+    times, cpu, flushes, full_gcs = [], [], [], []
+
+    def on_gc(phase: str, info: dict) -> None:
+        if info["generation"] == 2:
+            full_gcs.append(time.perf_counter() * (1 if phase == "stop" else -1))
+
+    gc.callbacks.append(on_gc)
     t_all = time.perf_counter()
     with StoreWriter(path, image_size=size, label_names=[f"l{j}" for j in range(labels)] if labels else None,
                      shard_size=shard_size) as w:
@@ -72,6 +83,7 @@ def write_store(path: Path, n: int, size: int, per_unit: int, labels: int, shard
             if len(w._shards) > shards:
                 flushes.append(u + 1)  # units [.. u] are on disk
     total = time.perf_counter() - t_all
+    gc.callbacks.remove(on_gc)
     t = np.asarray(times)
     flushes = flushes or [len(t)]
     k = next((j + 1 for j, end in enumerate(flushes) if end >= 500), len(flushes))
@@ -79,7 +91,8 @@ def write_store(path: Path, n: int, size: int, per_unit: int, labels: int, shard
     c = np.asarray(cpu)
     return {"items": n, "units": len(t), "seconds": total, "items_per_s": n / total, "window": first.stop,
             "last_first": float(t[last].mean() / t[first].mean()),
-            "cpu_last_first": float(c[last].mean() / c[first].mean())}
+            "cpu_last_first": float(c[last].mean() / c[first].mean()),
+            "full_gcs": len(full_gcs) // 2, "full_gc_s": sum(full_gcs)}
 
 
 def _spread(xs: list[float]) -> str:
@@ -262,7 +275,8 @@ def main() -> None:
                 print(f"write {kind:9s} {tag:5s}: {n:7d} inputs {rs[0]['units']:6d} units, "
                       f"{_spread([r['items_per_s'] for r in rs])} inputs/s; last/first {rs[0]['window']} units: "
                       f"wall {_spread([r['last_first'] for r in rs])}, CPU {_spread([r['cpu_last_first'] for r in rs])}"
-                      " (goal <= 1.2)")
+                      f" (goal <= 1.2); full GCs {_spread([r['full_gcs'] for r in rs])}, "
+                      f"{_spread([r['full_gc_s'] for r in rs])} s")
             sizes[tag] = (n_u, n_l)
         if "read" in args.parts:
             one = write_store(root / "one-shard", sizes["full"][0], args.size, 16, 0, 1 << 30)
