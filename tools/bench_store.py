@@ -10,6 +10,9 @@ with ratios measured in this run (min / median / max over ``--repeats`` where re
 - write rate and the time of the last 500 units over the first 500 (goal <= 1.2: commits cost the new units),
   and the full garbage collections during the write (count, seconds),
   wall and CPU time (the CPU time of this process is less disturbed by other jobs on a shared machine);
+- the same comparison with contention evened out: 500+ more units committed into a copy of the full store and
+  into an empty store, the two writers taking turns (a single write's first and last windows are ~0.1 s
+  apart by minutes, so one scheduler stall on a shared machine moves their ratio by tens of percent);
 - random single-item reads and 64-item batch gathers against the one-shard store (goal <= 1.5);
 - one metadata column, one item's metadata and the whole table: time and resident memory added;
 - peak resident memory (RSS, and PSS: shared pages split between processes) of the main process, of the loader
@@ -40,6 +43,39 @@ UNLABELED, LABELED, LABELS = 504_779, 17_697, 115
 print = functools.partial(print, flush=True)  # noqa: A001  (lines show as they are measured)
 
 
+class Units:
+    """The benchmark's work units: ``per_unit`` random inputs with series-like metadata (labels when ``labels``)."""
+
+    def __init__(self, size: int, per_unit: int, labels: int):
+        import pyarrow.parquet  # noqa: F401  (imported here, not in a timed first write or flush)
+
+        import dompre.data.store  # noqa: F401
+        rng = np.random.default_rng(0)
+        self.size, self.per_unit, self.labels = size, per_unit, labels
+        self.pool = rng.integers(0, 255, (997, 3, size, size), dtype=np.uint8)
+        self.lab = (rng.random((101, labels)) < 0.05).astype(np.float32) if labels else None
+
+    def writer(self, path: Path, shard_size: int):
+        from dompre.data.store import StoreWriter
+        return StoreWriter(path, image_size=self.size, shard_size=shard_size,
+                           label_names=[f"l{j}" for j in range(self.labels)] if self.labels else None)
+
+    def write(self, w, u: int, n: int | None = None) -> None:
+        """Add unit ``u``'s items (its share of ``n`` inputs) and commit it."""
+        start = u * self.per_unit
+        for i in range(start, start + self.per_unit if n is None else min(start + self.per_unit, n)):
+            w.add(self.pool[i % len(self.pool)],
+                  meta={"source": "bench", "series_uid": f"series-{u}", "patient": f"p{u // 4}",
+                        "z": float(i - start), "spacing": [1.0, 0.7, 0.7], "window": [-1024.0, 3071.0],
+                        "split": SPLITS[u % 10], "lesion_idx": u if self.labels else -1,
+                        "bbox": [1.0, 2.0, 8.0, 9.0] if self.labels else []},
+                  labels=None if self.lab is None else self.lab[i % len(self.lab)])
+        w.commit_unit(f"series-{u}", info={"status": "ok"})
+
+
+SPLITS = ["train"] * 7 + ["val", "test", "test"]
+
+
 def write_store(path: Path, n: int, size: int, per_unit: int, labels: int, shard_size: int) -> dict:
     """Write ``n`` random inputs in units of ``per_unit``; per-unit wall times of adds + commit.
 
@@ -50,13 +86,7 @@ def write_store(path: Path, n: int, size: int, per_unit: int, labels: int, shard
     """
     import gc
 
-    import pyarrow.parquet  # noqa: F401  (imported on the first flush otherwise: not a commit cost)
-
-    from dompre.data.store import StoreWriter
-    rng = np.random.default_rng(0)
-    pool = rng.integers(0, 255, (997, 3, size, size), dtype=np.uint8)
-    lab = (rng.random((101, labels)) < 0.05).astype(np.float32) if labels else None
-    splits = ["train"] * 7 + ["val", "test", "test"]
+    units = Units(size, per_unit, labels)
     times, cpu, flushes, full_gcs = [], [], [], []
 
     def on_gc(phase: str, info: dict) -> None:
@@ -65,19 +95,11 @@ def write_store(path: Path, n: int, size: int, per_unit: int, labels: int, shard
 
     gc.callbacks.append(on_gc)
     t_all = time.perf_counter()
-    with StoreWriter(path, image_size=size, label_names=[f"l{j}" for j in range(labels)] if labels else None,
-                     shard_size=shard_size) as w:
-        for u, start in enumerate(range(0, n, per_unit)):
+    with units.writer(path, shard_size) as w:
+        for u in range(-(-n // per_unit)):
             t0, c0 = time.perf_counter(), time.process_time()
-            for i in range(start, min(start + per_unit, n)):
-                w.add(pool[i % len(pool)], meta={"source": "bench", "series_uid": f"series-{u}",
-                                                 "patient": f"p{u // 4}", "z": float(i - start),
-                                                 "spacing": [1.0, 0.7, 0.7], "window": [-1024.0, 3071.0],
-                                                 "split": splits[u % 10], "lesion_idx": u if labels else -1,
-                                                 "bbox": [1.0, 2.0, 8.0, 9.0] if labels else []},
-                      labels=None if lab is None else lab[i % len(lab)])
             shards = len(w._shards)
-            w.commit_unit(f"series-{u}", info={"status": "ok"})
+            units.write(w, u, n)
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
             if len(w._shards) > shards:
@@ -95,6 +117,34 @@ def write_store(path: Path, n: int, size: int, per_unit: int, labels: int, shard
             "full_gcs": len(full_gcs) // 2, "full_gc_s": sum(full_gcs)}
 
 
+def commit_cost(big: Path, work: Path, size: int, per_unit: int, labels: int, shard_size: int, window: int,
+                blocks: int) -> dict:
+    """Time ``window`` more units committed into (a copy of) the store ``big`` against into an empty store.
+
+    The two writers stay open side by side and take turns, a window each, ``blocks`` times (alternating which
+    goes first), so contention on a shared machine hits both alike; a window holds whole shards, so both pay for
+    the same shard writes. The copy hard-links the shard files (never changed once written) and copies the
+    manifest, log and units files (the writer appends to the log). Returns the ratios of the summed times.
+    """
+    copy = work / "commit-big"
+    shutil.copytree(big, copy, copy_function=lambda a, b: os.link(a, b) if "/shards/" in a else shutil.copy2(a, b))
+    units = Units(size, per_unit, labels)
+    spent = {"big": [0.0, 0.0], "empty": [0.0, 0.0]}
+    with units.writer(copy, shard_size) as wb, units.writer(work / "commit-empty", shard_size) as we:
+        held = len(wb.units)
+        first_unit = {"big": held, "empty": 0}
+        for block in range(blocks):
+            for name, w in (("big", wb), ("empty", we)) if block % 2 else (("empty", we), ("big", wb)):
+                t0, c0 = time.perf_counter(), time.process_time()
+                for u in range(first_unit[name] + block * window, first_unit[name] + (block + 1) * window):
+                    units.write(w, u)
+                spent[name][0] += time.perf_counter() - t0
+                spent[name][1] += time.process_time() - c0
+    shutil.rmtree(copy)
+    shutil.rmtree(work / "commit-empty")
+    return {"held": held, "wall": spent["big"][0] / spent["empty"][0], "cpu": spent["big"][1] / spent["empty"][1]}
+
+
 def _spread(xs: list[float]) -> str:
     return f"{min(xs):.3g} / {statistics.median(xs):.3g} / {max(xs):.3g}"
 
@@ -103,6 +153,11 @@ def bench_reads(sharded: Path, one: Path, repeats: int, n_single: int = 20000, n
     from dompre.data.store import SliceStore
     a, b = SliceStore(sharded), SliceStore(one)
     n = len(a)
+    t0 = time.perf_counter()  # a reader opens (and checks) each shard on its first read, once per process
+    for start in a._starts:
+        a[start]
+    opened = time.perf_counter() - t0
+    b[0]
     single, gather = {"sharded": [], "one": []}, {"sharded": [], "one": []}
     for r in range(repeats):
         rng = np.random.default_rng(r)
@@ -126,7 +181,8 @@ def bench_reads(sharded: Path, one: Path, repeats: int, n_single: int = 20000, n
     rs = [x / y for x, y in zip(single["sharded"], single["one"])]
     rg = [x / y for x, y in zip(gather["sharded"], gather["one"])]
     print(f"random single read  {len(a._names)} shards: {_spread(single['sharded'])} us   one shard: "
-          f"{_spread(single['one'])} us   ratio {_spread(rs)} (goal <= 1.5)")
+          f"{_spread(single['one'])} us   ratio {_spread(rs)} (goal <= 1.5; every shard opened before: "
+          f"{opened * 1e3:.1f} ms for the first read of each, once per process)")
     print(f"batch gather of 64  {len(a._names)} shards: {_spread(gather['sharded'])} ms   one shard: "
           f"{_spread(gather['one'])} ms   ratio {_spread(rg)}")
 
@@ -278,6 +334,14 @@ def main() -> None:
                       f" (goal <= 1.2); full GCs {_spread([r['full_gcs'] for r in rs])}, "
                       f"{_spread([r['full_gc_s'] for r in rs])} s")
             sizes[tag] = (n_u, n_l)
+        for kind, per_unit, labels in (("unlabeled", 16, 0), ("labeled", 1, LABELS)) if "write" in args.parts else ():
+            per_shard = max(1, args.shard_size // per_unit)
+            window = -(-500 // per_shard) * per_shard  # whole shards, at least 500 units
+            cs = [commit_cost(root / f"{kind}-full", root, args.size, per_unit, labels, args.shard_size, window,
+                              blocks=6) for _ in range(args.repeats)]
+            print(f"commit {kind:9s}: {window} units into a store of {cs[0]['held']} units / into an empty one, "
+                  f"6 turns each, alternated: wall {_spread([c['wall'] for c in cs])}, CPU "
+                  f"{_spread([c['cpu'] for c in cs])} (goal <= 1.2)")
         if "read" in args.parts:
             one = write_store(root / "one-shard", sizes["full"][0], args.size, 16, 0, 1 << 30)
             print(f"write one-shard store: {one['items_per_s']:.0f} inputs/s (baseline for reads)")
