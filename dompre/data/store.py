@@ -233,6 +233,21 @@ def _arrow_values(column, is_json: bool) -> list | np.ndarray:
     return column.to_numpy()
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
+def _frozen(v: Any) -> Any:
+    """``_jsonable(v, tuple)``, with the common cases (a scalar, a list of scalars) taken without recursion."""
+    t = type(v)
+    if t in _PLAIN:
+        return v
+    if t is list or t is tuple:
+        out = tuple(v)
+        if set(map(type, out)) <= _PLAIN:
+            return out
+    return _jsonable(v, tuple)
+
+
 def _tuples(v: Any) -> Any:
     return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
 
@@ -344,7 +359,7 @@ class StoreWriter:
         for k, v in meta.items():
             if k not in columns:  # a key earlier items lack: None for them
                 columns[k] = [None] * self._count
-            columns[k].append(_jsonable(v, tuple))
+            columns[k].append(_frozen(v))
         if len(columns) > len(meta):  # keys this item lacks
             for column in columns.values():
                 if len(column) == self._count:
