@@ -80,7 +80,7 @@ def load_run_data(recipe: PretrainRecipe) -> RunData:
             raise FileNotFoundError(f"{key}: {path} is not a SliceStore (no manifest.json); build it with "
                                     "'dompre ingest' or fix the path")
     labeled, unlabeled = SliceStore(d.labeled_store), SliceStore(d.unlabeled_store)
-    if labeled.labels is None or not labeled.label_names:
+    if not labeled.label_names:
         raise UserError(f"data.labeled_store: {d.labeled_store} has no labels; ingest it with "
                          "'dompre ingest deeplesion ... --labels JSON' or point to a labeled store")
     if len(unlabeled) == 0:
@@ -102,7 +102,7 @@ def load_run_data(recipe: PretrainRecipe) -> RunData:
         raise UnknownName(f"labels {missing[:5] or names} are not columns of {d.labeled_store} "
                        f"(it has {store_names[:8]}...); fix data.labels / data.label_class")
     cols = [store_names.index(n) for n in names]
-    labels = labeled.labels[:, cols]
+    labels = labeled.label_columns(cols)  # only the columns trained on (the store keeps no full copy)
     meta = labeled.columns(["split", "lesion_idx"])  # only the columns used, not the whole table
     split = meta["split"].astype(str).to_numpy()
     known = ~np.isnan(labels).all(1)

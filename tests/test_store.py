@@ -348,3 +348,22 @@ def test_waiting_items_add_nothing_the_garbage_collector_walks(tmp_path):
     assert len(gc.get_objects()) - before < 100  # was 2 per item (its dict and its list)
     w.close()
     assert SliceStore(tmp_path).item_meta(1999)["bbox"] == (0.0, 1.0, 2.0, 3.0)
+
+
+def test_label_columns_and_one_item_labels_without_the_whole_matrix(tmp_path):
+    rng = np.random.default_rng(0)
+    lab = np.where(rng.random((7, 4)) < 0.3, np.nan, (rng.random((7, 4)) < 0.5).astype(np.float32))
+    with StoreWriter(tmp_path, image_size=S, label_names=list("abcd"), shard_size=3) as w:
+        for k in range(7):
+            w.add(item(k), labels=lab[k])
+            w.commit_unit(f"u{k}")
+    st = SliceStore(tmp_path)
+    sub = st.label_columns([3, 1])
+    assert sub.dtype == np.float32 and "labels" not in st._cache  # read per shard, the full matrix not kept
+    np.testing.assert_array_equal(sub, lab[:, [3, 1]])
+    np.testing.assert_array_equal(st.item_labels(5), lab[5])
+    np.testing.assert_array_equal(st.item_labels(-1), lab[6])
+    assert "labels" not in st._cache
+    np.testing.assert_array_equal(st.label_columns([0]), st.labels[:, [0]])  # from the cache once it exists
+    write(tmp_path / "unlabeled", {"u": 1})
+    assert SliceStore(tmp_path / "unlabeled").item_labels(0) is None

@@ -634,6 +634,25 @@ class SliceStore:
                 np.empty((0, len(self.label_names)), np.float32)
         return self._cache["labels"]
 
+    def label_columns(self, cols: Sequence[int]) -> np.ndarray:
+        """float32 (N, len(cols)): the label columns ``cols``, read shard by shard; the whole (N, L) matrix is
+        neither built nor kept (a run training on a subset of a store's labels holds only that subset)."""
+        if self.label_names is None:
+            raise UserError(f"{self.path} has no labels")
+        cols = list(cols)
+        if "labels" in self._cache:
+            return self._cache["labels"][:, cols]
+        parts = [np.load(self.path / "shards" / f"{n}.labels.npy", mmap_mode="r")[:, cols] for n in self._names]
+        return np.concatenate(parts) if parts else np.empty((0, len(cols)), np.float32)
+
+    def item_labels(self, i: int) -> np.ndarray | None:
+        """float32 (L,) labels of item ``i`` alone (NaN = unknown), read from its shard; None when unlabeled."""
+        if self.label_names is None:
+            return None
+        shard, local = self._locate(np.asarray([int(i)]))
+        f = self.path / "shards" / f"{self._names[int(shard[0])]}.labels.npy"
+        return np.array(np.load(f, mmap_mode="r")[int(local[0])])
+
     @property
     def units(self) -> dict[str, dict]:
         """Every committed unit with its info (read on first use; it can be large)."""

@@ -132,9 +132,9 @@ def _store_item(store: SliceStore, i: int, store_dir: str, label_names: Sequence
     """One SliceStore item with its labels mapped onto the model's label order and its lesion box."""
     image = np.asarray(store[i])
     truth = None
-    if store.labels is not None and store.label_names:
+    row = store.item_labels(i)  # one item's labels, not the store's whole matrix
+    if row is not None and store.label_names:
         col = {n: j for j, n in enumerate(store.label_names)}
-        row = store.labels[i]
         truth = np.array([row[col[n]] if n in col else np.nan for n in label_names], dtype=np.float32)
         if np.isnan(truth).all():
             truth = None
