@@ -124,12 +124,7 @@ def write_report(store_dir: str | Path, report: dict, summary: dict) -> dict:
 
 
 def _jsonable(v: Any, sequence: type = list) -> Any:
-    """``v`` with numpy scalars, arrays and paths made plain; sequences become ``sequence`` (list or tuple).
-
-    Item metadata waits in a writer for its shard as tuples: a tuple of scalars is not tracked by the garbage
-    collector, so a shard's worth of waiting items adds nothing that full collections (a pause proportional to
-    every object of the process: 0.27 s with pandas and pyarrow loaded) are triggered by or must walk.
-    """
+    """``v`` with numpy scalars, arrays and paths made plain; sequences become ``sequence`` (list or tuple)."""
     if isinstance(v, (np.integer,)):
         return int(v)
     if isinstance(v, (np.floating,)):
@@ -237,7 +232,12 @@ _PLAIN = frozenset({str, int, float, bool, type(None)})
 
 
 def _frozen(v: Any) -> Any:
-    """``_jsonable(v, tuple)``, with the common cases (a scalar, a list of scalars) taken without recursion."""
+    """``_jsonable(v, tuple)``, with the common cases (a scalar, a list of scalars) taken without recursion.
+
+    Item metadata waits in a writer for its shard as tuples: a tuple of scalars is not tracked by the garbage
+    collector, so a shard's worth of waiting items adds nothing that full collections (a pause proportional to
+    every object of the process: 0.27 s with pandas and pyarrow loaded) are triggered by or must walk.
+    """
     t = type(v)
     if t in _PLAIN:
         return v
@@ -629,10 +629,11 @@ class SliceStore:
         if self.label_names is None:
             return None
         if "labels" not in self._cache:
-            parts = [np.load(self.path / "shards" / f"{n}.labels.npy") for n in self._names]
-            self._cache["labels"] = np.concatenate(parts) if parts else \
-                np.empty((0, len(self.label_names)), np.float32)
+            self._cache["labels"] = self.label_columns(range(len(self.label_names)))
         return self._cache["labels"]
+
+    def _labels_file(self, k: int) -> Path:
+        return self.path / "shards" / f"{self._names[k]}.labels.npy"
 
     def label_columns(self, cols: Sequence[int]) -> np.ndarray:
         """float32 (N, len(cols)): the label columns ``cols``, read shard by shard; the whole (N, L) matrix is
@@ -642,7 +643,7 @@ class SliceStore:
         cols = list(cols)
         if "labels" in self._cache:
             return self._cache["labels"][:, cols]
-        parts = [np.load(self.path / "shards" / f"{n}.labels.npy", mmap_mode="r")[:, cols] for n in self._names]
+        parts = [np.load(self._labels_file(k), mmap_mode="r")[:, cols] for k in range(len(self._names))]
         return np.concatenate(parts) if parts else np.empty((0, len(cols)), np.float32)
 
     def item_labels(self, i: int) -> np.ndarray | None:
@@ -650,8 +651,7 @@ class SliceStore:
         if self.label_names is None:
             return None
         shard, local = self._locate(np.asarray([int(i)]))
-        f = self.path / "shards" / f"{self._names[int(shard[0])]}.labels.npy"
-        return np.array(np.load(f, mmap_mode="r")[int(local[0])])
+        return np.array(np.load(self._labels_file(int(shard[0])), mmap_mode="r")[int(local[0])])
 
     @property
     def units(self) -> dict[str, dict]:
