@@ -315,7 +315,7 @@ def label_store(accelerator, model: torch.nn.Module, store, folder: str | Path, 
     mine = [c for c in rank_chunks(n, chunk_size, accelerator.process_index, accelerator.num_processes)
             if not chunk_done(folder, *c)]
     batches = [(b, min(b + batch_size, e)) for s, e in mine for b in range(s, e, batch_size)]
-    loader = torch.utils.data.DataLoader(Items(store), batch_sampler=[list(range(*b)) for b in batches],
+    loader = torch.utils.data.DataLoader(Items(store), batch_sampler=[range(*b) for b in batches],
                                          num_workers=num_workers, pin_memory=torch.cuda.is_available())
     pending: dict[tuple[int, int], list] = {c: [] for c in mine}
     chunk_of = {b: c for c in mine for b in [(x, min(x + batch_size, c[1])) for x in range(c[0], c[1], batch_size)]}
