@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 UNLABELED, LABELED, LABELS = 504_779, 17_697, 115
+KINDS = {"unlabeled": (16, 0), "labeled": (1, LABELS)}  # store -> (inputs per unit, labels)
 print = functools.partial(print, flush=True)  # noqa: A001  (lines show as they are measured)
 
 
@@ -127,11 +128,11 @@ def commit_cost(big: Path, work: Path, size: int, per_unit: int, labels: int, sh
     manifest, log and units files (the writer appends to the log). Returns the ratios of the summed times.
     """
     def link_shards(a: str, b: str) -> None:
-        try:
-            if "/shards/" in a:
+        if "/shards/" in a:
+            try:
                 return os.link(a, b)
-        except OSError:  # a filesystem without hard links: copy
-            pass
+            except OSError:  # a filesystem without hard links: copy
+                pass
         shutil.copy2(a, b)
 
     copy = work / "commit-big"
@@ -330,7 +331,7 @@ def main() -> None:
         sizes = {}
         for tag, frac in (("tenth", args.scale / 10), ("full", args.scale)):
             n_u, n_l = int(UNLABELED * frac), int(LABELED * frac)
-            for kind, n, per_unit, labels in (("unlabeled", n_u, 16, 0), ("labeled", n_l, 1, LABELS)):
+            for (kind, (per_unit, labels)), n in zip(KINDS.items(), (n_u, n_l)):
                 rs = []
                 for r in range(args.repeats if "write" in args.parts else 1):  # the first copy is kept
                     path = root / (f"{kind}-{tag}" if r == 0 else "scratch")
@@ -342,7 +343,7 @@ def main() -> None:
                       f" (goal <= 1.2); full GCs {_spread([r['full_gcs'] for r in rs])}, "
                       f"{_spread([r['full_gc_s'] for r in rs])} s")
             sizes[tag] = (n_u, n_l)
-        for kind, per_unit, labels in (("unlabeled", 16, 0), ("labeled", 1, LABELS)) if "write" in args.parts else ():
+        for kind, (per_unit, labels) in KINDS.items() if "write" in args.parts else ():
             per_shard = max(1, args.shard_size // per_unit)
             window = -(-500 // per_shard) * per_shard  # whole shards, at least 500 units
             cs = [commit_cost(root / f"{kind}-full", root, args.size, per_unit, labels, args.shard_size, window,
@@ -355,7 +356,7 @@ def main() -> None:
             print(f"write one-shard store: {one['items_per_s']:.0f} inputs/s (baseline for reads)")
             bench_reads(root / "unlabeled-full", root / "one-shard", args.repeats)
             shutil.rmtree(root / "one-shard")
-        for kind in ("unlabeled", "labeled") if "meta" in args.parts else ():
+        for kind in KINDS if "meta" in args.parts else ():
             ms = [_child("--phase", "meta", "--paths", str(root / f"{kind}-full")) for _ in range(args.repeats)]
             print(f"meta {kind:9s} ({ms[0]['rows']} rows): one column {_spread([m['column_s'] for m in ms])} s "
                   f"+{_spread([m['column_mb'] for m in ms])} MB; one item {_spread([m['item_ms'] for m in ms])} "
